@@ -1,0 +1,3 @@
+from mrplip_core.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""The ``mrplip`` command: one verb per stage step, called by the Snakemake rules.
+
+Every verb is a thin layer over a library function and can be run by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+PATCH_ID_RE = re.compile(r"^(?P<slide>.+)_(?P<mag>[0-9.]+)x_x(?P<x>\d+)_y(?P<y>\d+)$")
+
+
+def _cmd_demo_slide(a: argparse.Namespace) -> int:
+    from mrplip_core.wsi.synthetic import write_synthetic_slide
+
+    write_synthetic_slide(a.out, a.width, a.height, a.mpp, seed=a.seed)
+    return 0
+
+
+def _cmd_tiles(a: argparse.Namespace) -> int:
+    from mrplip_core.wsi.tiling import TilesOutputs, TilesSettings, tile_slide
+
+    settings = TilesSettings.from_dict(json.loads(a.settings))
+    outputs = TilesOutputs(Path(a.manifest), Path(a.geojson), Path(a.qc), Path(a.record))
+    rec = tile_slide(a.slide_id, a.path, outputs, settings, table_mpp=a.mpp)
+    if rec["status"] == "ok":
+        print(f"{a.slide_id}: {rec['n_parents']} parents, {rec['n_patches']} patches, "
+              f"magnifications {rec['magnifications']}, skipped {rec['skipped_magnifications']} "
+              f"({rec['elapsed_s']} s)")
+    else:
+        print(f"{a.slide_id}: FAILED, recorded: {rec['error']}", file=sys.stderr)
+    return 0
+
+
+def _cmd_slides_table(a: argparse.Namespace) -> int:
+    from mrplip_core.wsi.records import collect_slide_records
+
+    df = collect_slide_records(a.table, a.records, a.out)
+    failed = df[df["status"] != "ok"]
+    print(f"{len(df)} slides, {len(failed)} failed -> {a.out}")
+    for sid, err in zip(failed["slide_id"], failed["error"]):
+        print(f"  FAILED {sid}: {err}", file=sys.stderr)
+    return 1 if (a.fatal and len(failed)) else 0
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    from mrplip_core.io.inspect import describe
+
+    try:
+        print(describe(a.path, a.rows))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"mrplip inspect: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_tile(a: argparse.Namespace) -> int:
+    from mrplip_core.wsi.records import read_patch_image
+
+    m = PATCH_ID_RE.match(a.patch_id)
+    if not m:
+        print(f"mrplip tile: {a.patch_id!r} is not a patch id (SLIDE_<mag>x_x<X>_y<Y>)", file=sys.stderr)
+        return 2
+    out = Path(a.out or f"{a.patch_id}.png")
+    try:
+        img = read_patch_image(Path(a.results), m["slide"], a.patch_id)
+    except (FileNotFoundError, KeyError) as exc:
+        print(f"mrplip tile: {exc}", file=sys.stderr)
+        return 2
+    from PIL import Image
+
+    Image.fromarray(img).save(out)
+    print(f"{a.patch_id} -> {out} ({img.shape[1]}x{img.shape[0]} px)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mrplip", description=__doc__)
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    s = sub.add_parser("demo-slide", help="write a synthetic pyramidal TIFF slide (no network)")
+    s.add_argument("out")
+    s.add_argument("--width", type=int, default=16384, help="level-0 px")
+    s.add_argument("--height", type=int, default=12288, help="level-0 px")
+    s.add_argument("--mpp", type=float, default=0.25, help="um/px at level 0 (0.25 = 40x)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_demo_slide)
+
+    s = sub.add_parser("tiles", help="tissue detection + hierarchical tiling of one slide")
+    s.add_argument("--slide-id", required=True)
+    s.add_argument("--path", required=True)
+    s.add_argument("--mpp", type=float, default=None, help="per-slide um/px override (slide table)")
+    s.add_argument("--settings", required=True, help="JSON of the config's wsi settings")
+    for name in ("manifest", "geojson", "qc", "record"):
+        s.add_argument(f"--{name}", required=True)
+    s.set_defaults(func=_cmd_tiles)
+
+    s = sub.add_parser("slides-table", help="collect per-slide records into results/slides.parquet")
+    s.add_argument("--table", required=True, help="the slide table (TSV)")
+    s.add_argument("--records", required=True, help="folder of {slide}.json records")
+    s.add_argument("--out", required=True)
+    s.add_argument("--fatal", action="store_true", help="exit 1 when any slide failed")
+    s.set_defaults(func=_cmd_slides_table)
+
+    s = sub.add_parser("inspect", help="summarise a Parquet or HDF5 artifact")
+    s.add_argument("path")
+    s.add_argument("--rows", type=int, default=5, help="sample rows to show")
+    s.set_defaults(func=_cmd_inspect)
+
+    s = sub.add_parser("tile", help="write one patch's image to a PNG")
+    s.add_argument("patch_id")
+    s.add_argument("--results", default="results", help="the workflow's results folder")
+    s.add_argument("-o", "--out", default=None, help="PNG path (default PATCH_ID.png)")
+    s.set_defaults(func=_cmd_tile)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)

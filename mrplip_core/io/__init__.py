@@ -1,0 +1,1 @@
+"""Artifact input/output: atomic writes and human-readable inspection."""

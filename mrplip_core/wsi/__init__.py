@@ -1,0 +1,1 @@
+"""Whole-slide image access, tissue detection and hierarchical multi-magnification tiling."""

@@ -1,0 +1,68 @@
+"""Per-slide records (``results/slides/{slide}.json``) and reading patches back by id."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mrplip_core.io.atomic import write_parquet
+from mrplip_core.wsi.slide import Slide
+from mrplip_core.wsi.table import read_slide_table
+
+#: Columns of ``results/slides.parquet`` (one row per slide of the table).
+SLIDES_COLUMNS = [
+    "slide_id", "path", "status", "error", "vendor", "mpp", "mpp_source", "objective",
+    "width", "height", "levels", "magnifications", "skipped_magnifications",
+    "n_parents", "n_patches", "tissue_fraction", "elapsed_s",
+]
+
+
+def read_record(records_dir: str | Path, slide_id: str) -> dict:
+    """The JSON record the tiles stage wrote for ``slide_id``."""
+    path = Path(records_dir) / f"{slide_id}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no record for slide {slide_id!r}: {path} (run `snakemake tiles` first)")
+    return json.loads(path.read_text())
+
+
+def collect_slide_records(table: str | Path, records_dir: str | Path, out: str | Path) -> pd.DataFrame:
+    """One row per slide of ``table`` from its record; written atomically to ``out``.
+
+    Label columns of the slide table are carried over. A slide without a record is
+    listed with status ``missing``.
+    """
+    slides = read_slide_table(table)
+    rows = []
+    for sid in slides.index:
+        path = Path(records_dir) / f"{sid}.json"
+        rec = json.loads(path.read_text()) if path.exists() else {"slide_id": sid, "status": "missing",
+                                                                 "error": f"no record at {path}"}
+        rec.setdefault("path", slides.at[sid, "path"])
+        rows.append({c: rec.get(c) for c in SLIDES_COLUMNS})
+    df = pd.DataFrame(rows, columns=SLIDES_COLUMNS)
+    labels = [c for c in slides.columns if c not in {"slide_id", "path", "mpp"}]
+    for c in labels:
+        df[c] = slides[c].to_numpy()
+    for c in ("slide_id", "path", "status", "error", "vendor", "mpp_source"):
+        df[c] = df[c].astype("string")
+    for c in ("magnifications", "skipped_magnifications"):
+        df[c] = [list(v) if isinstance(v, list) else [] for v in df[c]]
+    write_parquet(df, out)
+    return df
+
+
+def read_patch_image(results: Path, slide_id: str, patch_id: str) -> np.ndarray:
+    """Read one patch exactly as the pipeline defines it: RGB uint8 (patch_px x patch_px)."""
+    manifest = results / "tiles" / f"{slide_id}.parquet"
+    if not manifest.exists():
+        raise FileNotFoundError(f"no tile manifest for slide {slide_id!r}: {manifest}")
+    df = pd.read_parquet(manifest, filters=[("patch_id", "==", patch_id)])
+    if df.empty:
+        raise KeyError(f"patch {patch_id!r} not in {manifest}")
+    row = df.iloc[0]
+    rec = read_record(results / "slides", slide_id)
+    with Slide(rec["path"], slide_id, mpp=rec["mpp"]) as slide:
+        return slide.read_region(int(row.x), int(row.y), int(row["size"]), int(row.patch_px), level=int(row.read_level))
