@@ -120,7 +120,9 @@ class TissueParams:
     def __post_init__(self) -> None:
         if isinstance(self.threshold, str):
             if self.threshold != "otsu":
-                raise ValueError(f"TissueParams.threshold: 'otsu' or a number 0-255, got {self.threshold!r}")
+                raise ValueError(
+                    f"TissueParams.threshold: 'otsu' or a number 0-255, got {self.threshold!r}"
+                )
         elif not 0 <= float(self.threshold) <= 255:
             raise ValueError(f"TissueParams.threshold: must be in 0-255, got {self.threshold!r}")
         for name in ("min_saturation", "max_saturation", "white_level", "dark_max_value"):
@@ -129,7 +131,8 @@ class TissueParams:
                 raise ValueError(f"TissueParams.{name}: must be in 0-255, got {value!r}")
         if self.min_saturation > self.max_saturation:
             raise ValueError(
-                f"TissueParams.min_saturation ({self.min_saturation}) exceeds max_saturation ({self.max_saturation})"
+                f"TissueParams.min_saturation ({self.min_saturation}) exceeds "
+                f"max_saturation ({self.max_saturation})"
             )
         for name in ("median_blur_um", "close_um", "min_area_um2", "min_hole_area_um2", "pen_margin_um"):
             value = getattr(self, name)
@@ -138,7 +141,9 @@ class TissueParams:
         if self.work_mpp is not None and not self.work_mpp > 0:
             raise ValueError(f"TissueParams.work_mpp: must be > 0 or None, got {self.work_mpp!r}")
         if not 0 < self.min_pixel_share <= 1:
-            raise ValueError(f"TissueParams.min_pixel_share: must be in (0, 1], got {self.min_pixel_share!r}")
+            raise ValueError(
+                f"TissueParams.min_pixel_share: must be in (0, 1], got {self.min_pixel_share!r}"
+            )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> TissueParams:
@@ -166,7 +171,8 @@ def _as_rgb(rgb: np.ndarray) -> np.ndarray:
         raise ValueError(f"empty image {arr.shape}")
     if arr.shape[2] == 4:
         alpha = arr[..., 3:4].astype(np.float32) / 255.0
-        arr = np.clip(arr[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha) + 0.5, 0, 255).astype(np.uint8)
+        blended = arr[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha) + 0.5
+        arr = np.clip(blended, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(arr)
 
 
@@ -183,7 +189,10 @@ def _ellipse(k: int) -> np.ndarray:
 
 def _pen_u8(hsv: np.ndarray, params: TissueParams) -> np.ndarray:
     """Ink-coloured pixels of an HSV image as uint8 0/255."""
-    pen = cv2.inRange(hsv, (0, 0, 0), (179, 255, max(0, params.dark_max_value - 1)))
+    if params.dark_max_value > 0:
+        pen = cv2.inRange(hsv, (0, 0, 0), (179, 255, params.dark_max_value - 1))
+    else:
+        pen = np.zeros(hsv.shape[:2], np.uint8)
     for low, high in _PEN_HSV_RANGES:
         cv2.bitwise_or(pen, cv2.inRange(hsv, low, high), dst=pen)
     return pen
@@ -251,6 +260,15 @@ def _working_size(shape: tuple[int, ...], mpp: float, params: TissueParams) -> t
     return ow, oh, mpp * math.sqrt((w / ow) * (h / oh))
 
 
+def _close(mask: np.ndarray, k: int) -> np.ndarray:
+    """Morphological close with a k-px ellipse, padded with background so that glass
+    between tissue and the image border is not filled (OpenCV's default border would)."""
+    pad = k // 2 + 1
+    padded = cv2.copyMakeBorder(mask, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+    closed = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, _ellipse(k))
+    return np.ascontiguousarray(closed[pad:-pad, pad:-pad])
+
+
 def _border_labels(labels: np.ndarray) -> np.ndarray:
     return np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
 
@@ -302,7 +320,7 @@ def _detect(rgb: np.ndarray, mpp: float, params: TissueParams, crop: bool) -> np
         mask = colour
     k_close = _odd_px(params.close_um, mpp)
     if k_close > 1:  # before the median, so thin lattices (fat) are joined, not erased
-        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _ellipse(k_close))
+        mask = _close(mask, k_close)
     k_med = _odd_px(params.median_blur_um, mpp)
     if k_med > 1:
         mask = cv2.medianBlur(mask, k_med)
@@ -436,7 +454,11 @@ def mask_to_geojson(mask: np.ndarray, downsample: float, slide_id: str) -> dict[
             )
     return {
         "type": "FeatureCollection",
-        "properties": {"slide_id": slide_id, "coordinates": "level-0 px", "downsample": float(downsample)},
+        "properties": {
+            "slide_id": slide_id,
+            "coordinates": "level-0 px",
+            "downsample": float(downsample),
+        },
         "features": features,
     }
 
@@ -473,7 +495,7 @@ def draw_qc(
     if labels is not None and len(labels) != len(boxes):
         raise ValueError(f"{len(labels)} labels for {len(boxes)} boxes")
     h, w = image.shape[:2]
-    thick = max(1, int(round(min(h, w) / 400)))
+    thick = max(1, int(round(min(h, w) / 300)))
     contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(image, contours, -1, TISSUE_COLOR, thick)
     scale = max(0.35, min(h, w) / 1200)
@@ -483,8 +505,10 @@ def draw_qc(
         cv2.rectangle(image, p0, p1, BOX_COLOR, thick)
         if labels is not None:
             org = (p0[0] + thick + 1, p0[1] + int(14 * scale * 1.5) + thick)
-            cv2.putText(image, _ascii(str(labels[i])), org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick + 2, cv2.LINE_AA)
-            cv2.putText(image, _ascii(str(labels[i])), org, cv2.FONT_HERSHEY_SIMPLEX, scale, BOX_COLOR, thick, cv2.LINE_AA)
+            text = _ascii(str(labels[i]))
+            font = cv2.FONT_HERSHEY_SIMPLEX
+            cv2.putText(image, text, org, font, scale, (255, 255, 255), thick + 2, cv2.LINE_AA)  # halo
+            cv2.putText(image, text, org, font, scale, BOX_COLOR, thick, cv2.LINE_AA)
     return image
 
 
@@ -512,7 +536,8 @@ def error_card(slide_id: str, message: str, size: tuple[int, int] = (256, 640)) 
     cv2.rectangle(card, (0, 0), (width - 1, height - 1), red, 3)
     font, margin = cv2.FONT_HERSHEY_SIMPLEX, 12
     avail = width - 2 * margin
-    cv2.putText(card, _fit(_ascii(f"FAILED: {slide_id}"), font, 0.7, 2, avail), (margin, 30), font, 0.7, red, 2, cv2.LINE_AA)
+    title = _fit(_ascii(f"FAILED: {slide_id}"), font, 0.7, 2, avail)
+    cv2.putText(card, title, (margin, 30), font, 0.7, red, 2, cv2.LINE_AA)
     scale, line_h, top = 0.45, 18, 52
     max_lines = max(1, (height - top) // line_h)
     per_line = max(8, avail // cv2.getTextSize("n", font, scale, 1)[0][0])

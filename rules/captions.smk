@@ -1,0 +1,1 @@
+# Stage: captions (rules are added here; stage target rule 'captions').
