@@ -214,7 +214,7 @@ class Slide:
         interp = cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC
         return cv2.resize(rgb, (out_w, out_h), interpolation=interp)
 
-    def thumbnail(self, target_mpp: float, chunk_px: int = 4096) -> tuple[np.ndarray, float]:
+    def thumbnail(self, target_mpp: float, chunk_px: int = 2048) -> tuple[np.ndarray, float]:
         """An RGB overview at about ``target_mpp`` um/px, built in chunks.
 
         Reads the best pyramid level for the wanted downsample in strips of at most
@@ -248,6 +248,6 @@ def _rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
     alpha = rgba[..., 3]
     if alpha.min() == 255:
         return np.ascontiguousarray(rgb)
-    a = alpha[..., None].astype(np.float32) / 255.0
-    out = rgb.astype(np.float32) * a + 255.0 * (1.0 - a)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    a = alpha[..., None].astype(np.uint16)
+    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255  # integer maths: no float copy
+    return out.astype(np.uint8)
