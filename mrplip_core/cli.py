@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", default="results", help="the workflow's results folder")
     s.add_argument("-o", "--out", default=None, help="PNG path (default PATCH_ID.png)")
     s.set_defaults(func=_cmd_tile)
+
+    # later stages register their own verbs (their modules import heavy libraries lazily)
+    from mrplip_core.captions import cli as captions_cli
+    from mrplip_core.features import cli as features_cli
+    from mrplip_core.train import cli as train_cli
+
+    for stage in (captions_cli, features_cli, train_cli):
+        stage.register(sub)
     return p
 
 

@@ -1,1 +1,91 @@
-# Stage: features (rules are added here; stage target rule 'features').
+# Stage 3: frozen-encoder features into HDF5, one job per slide and encoder.
+# Image: results/features/{encoder}/{slide}.h5 from the tile manifest (stage target 'features').
+# Text: results/text_features/{encoder}/{slide}.h5 from the captions stage's captions and
+# keywords (rule text_features_slide).
+from mrplip_core.encoders import list_encoders
+
+FEATURES = config["features"]
+for _key, _kind in (("image_encoder", "image"), ("text_encoder", "text")):
+    if FEATURES[_key] not in list_encoders(_kind):
+        raise ValueError(
+            f"config features.{_key}: {FEATURES[_key]!r} is not a registered {_kind} encoder; "
+            f"choose from {list_encoders(_kind)}"
+        )
+_unknown = sorted(set(FEATURES["weights"]) - set(list_encoders()))
+if _unknown:
+    raise ValueError(f"config features.weights: unknown encoder name(s) {_unknown}; registered: {list_encoders()}")
+# Full settings go on the command line; only what changes a feature is a rerun trigger
+# (params): weights (path, size and mtime, so a replaced file counts), precision, device and
+# read mode. Tuning batch size, workers or threads recomputes nothing.
+FEATURES_SETTINGS_ARG = shlex.quote(settings_json("features", "failures_fatal"))
+
+
+def _weights_stamp(path):
+    try:
+        st = os.stat(os.path.expanduser(path))
+        return [path, st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [path, None, None]  # the job itself reports a missing file
+
+
+FEATURES_TRIGGER = json.dumps(
+    {
+        "weights": {k: _weights_stamp(v) for k, v in FEATURES["weights"].items()},
+        **{k: FEATURES[k] for k in ("precision", "device", "read")},
+    },
+    sort_keys=True,
+)
+
+
+rule features_slide:
+    input:
+        manifest="results/tiles/{slide}.parquet",
+        record="results/slides/{slide}.json",
+    output:
+        "results/features/{encoder}/{slide}.h5",
+    wildcard_constraints:
+        encoder="|".join(list_encoders("image")),
+    params:
+        trigger=FEATURES_TRIGGER,
+        version=mrplip_core.__version__,
+    log:
+        "logs/features/{encoder}/{slide}.log",
+    threads: FEATURES["threads"]
+    resources:
+        mem_mb=FEATURES["mem_mb"],
+        runtime=FEATURES["runtime"],
+        gpu=FEATURES["gpu"],
+    shell:
+        "{MRPLIP} features --slide-id {wildcards.slide:q} --encoder {wildcards.encoder:q}"
+        " --manifest {input.manifest} --record {input.record} --settings {FEATURES_SETTINGS_ARG}"
+        " --threads {threads} --out {output} > {log} 2>&1"
+
+
+rule text_features_slide:
+    input:
+        captions="results/captions/{slide}.parquet",
+        keywords="results/keywords/{slide}.parquet",
+    output:
+        "results/text_features/{encoder}/{slide}.h5",
+    wildcard_constraints:
+        encoder="|".join(list_encoders("text")),
+    params:
+        trigger=FEATURES_TRIGGER,
+        version=mrplip_core.__version__,
+    log:
+        "logs/text_features/{encoder}/{slide}.log",
+    threads: FEATURES["threads"]
+    resources:
+        mem_mb=FEATURES["mem_mb"],
+        runtime=FEATURES["runtime"],
+        gpu=FEATURES["gpu"],
+    shell:
+        "{MRPLIP} text-features --slide-id {wildcards.slide:q} --encoder {wildcards.encoder:q}"
+        " --captions {input.captions} --keywords {input.keywords} --settings {FEATURES_SETTINGS_ARG}"
+        " --threads {threads} --out {output} > {log} 2>&1"
+
+
+rule features:
+    input:
+        expand("results/features/{encoder}/{slide}.h5", encoder=FEATURES["image_encoder"], slide=SLIDE_IDS),
+        expand("results/text_features/{encoder}/{slide}.h5", encoder=FEATURES["text_encoder"], slide=SLIDE_IDS),

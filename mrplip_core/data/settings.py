@@ -1,0 +1,127 @@
+"""Settings of the bag dataset (config section ``pretrain.data``), and the strict
+dict -> dataclass conversion every ``pretrain`` section uses."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def from_mapping(cls: type[T], values: Mapping[str, Any] | None, section: str) -> T:
+    """Build dataclass ``cls`` from a plain mapping; unknown keys are an error naming them.
+
+    Lists become tuples where the field's default is a tuple (YAML has no tuples).
+    """
+    values = dict(values or {})
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown key(s) in {section}: {unknown}; known: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name in values and isinstance(values[f.name], list) and "tuple" in str(hints[f.name]):
+            values[f.name] = tuple(values[f.name])
+    return cls(**values)
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclass -> dict of plain YAML/JSON types (tuples become lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where the per-slide artifacts are and how a training sample is drawn from a bag.
+
+    A *sample* is one visual bag (a 5x parent and its descendants). From it,
+    ``patches_per_magnification[i]`` patches are drawn at ``magnifications[i]``, each one a
+    descendant of a patch drawn at the previous magnification (quad-tree paths), so every
+    drawn patch above the first magnification has its parent (or nearest ancestor) in the
+    sample. A step therefore costs the same whatever the bag size.
+    """
+
+    results: str = "results"  # the workflow's results folder (tiles/, features/, ...)
+    image_encoder: str = "tiny-vit-random"  # results/features/{image_encoder}/{slide}.h5
+    text_encoder: str = "minilm"  # results/text_features/{text_encoder}/{slide}.h5 (keywords)
+    magnifications: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)  # x; a subset is an ablation
+    patches_per_magnification: tuple[int, ...] = (1, 2, 2, 2)  # drawn per bag, per magnification
+    max_keywords: int = 32  # keywords of the textual bag per sample (random subset when more)
+    max_caption_tokens: int = 64  # captions are truncated to this many tokens ([CLS]/[SEP] incl.)
+    val_fraction: float = 0.1  # share of slides held out for validation (split by slide)
+    split_seed: int = 0  # seed of the slide split (stable when slides are added)
+    batch_size: int = 8  # bags per rank per micro-step (global batch = this x ranks x accumulation)
+    num_workers: int = 2  # DataLoader worker processes per rank
+    prefetch_factor: int = 4  # batches prefetched per worker
+    slide_cache: int = 64  # slides (trees, captions, open HDF5 handles) cached per worker
+    shuffle_window: int = 0  # slides per shuffle window (locality for big cohorts); 0: global shuffle
+
+    def __post_init__(self) -> None:
+        if len(self.magnifications) != len(self.patches_per_magnification):
+            raise ValueError(
+                "pretrain.data.patches_per_magnification must have one entry per magnification: "
+                f"{list(self.magnifications)} vs {list(self.patches_per_magnification)}"
+            )
+        mags = [float(m) for m in self.magnifications]
+        if not mags or mags != sorted(set(mags)):
+            raise ValueError(f"pretrain.data.magnifications must be increasing, got {mags}")
+        if any(n < 0 for n in self.patches_per_magnification) or sum(self.patches_per_magnification) < 1:
+            raise ValueError("pretrain.data.patches_per_magnification must be >= 0 with a positive sum")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"pretrain.data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.batch_size < 1 or self.max_keywords < 1 or self.max_caption_tokens < 4:
+            raise ValueError("pretrain.data: batch_size, max_keywords >= 1 and max_caption_tokens >= 4")
+        object.__setattr__(self, "magnifications", tuple(mags))
+        object.__setattr__(self, "patches_per_magnification", tuple(int(n) for n in self.patches_per_magnification))
+
+    @property
+    def patches_per_bag(self) -> int:
+        """P: patches per sample (fixed, whatever the bag)."""
+        return sum(self.patches_per_magnification)
+
+    def paths(self) -> CorpusPaths:
+        return CorpusPaths(Path(self.results), self.image_encoder, self.text_encoder)
+
+
+@dataclass(frozen=True)
+class CorpusPaths:
+    """Paths of the per-slide artifacts the pretraining stage reads."""
+
+    results: Path
+    image_encoder: str
+    text_encoder: str
+
+    @property
+    def slides(self) -> Path:
+        return self.results / "slides.parquet"
+
+    def manifest(self, slide_id: str) -> Path:
+        return self.results / "tiles" / f"{slide_id}.parquet"
+
+    def image_features(self, slide_id: str) -> Path:
+        return self.results / "features" / self.image_encoder / f"{slide_id}.h5"
+
+    def text_features(self, slide_id: str) -> Path:
+        return self.results / "text_features" / self.text_encoder / f"{slide_id}.h5"
+
+    def captions(self, slide_id: str) -> Path:
+        return self.results / "captions" / f"{slide_id}.parquet"
+
+    def slide_files(self, slide_id: str) -> dict[str, Path]:
+        return {
+            "manifest": self.manifest(slide_id),
+            "image_features": self.image_features(slide_id),
+            "text_features": self.text_features(slide_id),
+            "captions": self.captions(slide_id),
+        }

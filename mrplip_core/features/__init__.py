@@ -1,0 +1,29 @@
+"""Feature extraction: patches and texts through frozen encoders into per-slide HDF5.
+
+    from mrplip_core.features import FeatureSettings, extract_image_features, extract_text_features
+
+The torch-using modules are imported on first use, so ``mrplip --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mrplip_core.features.settings import FeatureSettings
+
+__all__ = ["FeatureSettings", "PatchDataset", "encode_patches", "extract_image_features", "extract_text_features"]
+
+_LAZY = {
+    "PatchDataset": "mrplip_core.features.dataset",
+    "encode_patches": "mrplip_core.features.image",
+    "extract_image_features": "mrplip_core.features.image",
+    "extract_text_features": "mrplip_core.features.text",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,65 @@
+"""``mrplip pretrain``: the verb the Snakemake rule launches under ``torchrun``.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m mrplip_core pretrain \\
+        --config config.yaml --set train.steps=1000 --set loss.weights.plm=0
+
+Config resolution: defaults <- ``--config`` (its ``pretrain:`` section) <- ``--settings``
+(JSON, what the rule passes) <- ``--set KEY=VALUE`` (dotted keys, YAML values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _cmd_pretrain(a: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from mrplip_core.train.config import load_config
+
+    try:
+        config = load_config(a.config, a.settings, a.set or [])
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"mrplip pretrain: invalid config: {exc}", file=sys.stderr)
+        return 2
+    if a.print_config:
+        import yaml
+
+        print(yaml.safe_dump({"pretrain": config.to_dict()}, sort_keys=False))
+        return 0
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", stream=sys.stderr)
+    from mrplip_core.train.trainer import pretrain
+
+    summary = pretrain(config, a.run_dir)
+    if rank == 0:
+        last = summary["history"][-1] if summary["history"] else {}
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"} | {"last": last}, default=str))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``pretrain`` verb to the ``mrplip`` command's subparsers."""
+    s = sub.add_parser("pretrain", help="MR-PLIP pretraining over feature files (run under torchrun for DDP)")
+    s.add_argument("--config", default=None, help="YAML file with a pretrain: section (e.g. config.yaml or a run's config.yaml)")
+    s.add_argument("--settings", default=None, help="JSON of the pretrain section (the Snakemake rule passes this)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.steps=100 (repeatable)")
+    s.add_argument("--run-dir", default=None, help="output folder (default RESULTS/pretrain/RUN)")
+    s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    s.set_defaults(func=_cmd_pretrain)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m mrplip_core.train.cli``) until the verb is wired into ``mrplip``."""
+    parser = argparse.ArgumentParser(prog="mrplip")
+    register(parser.add_subparsers(dest="verb", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

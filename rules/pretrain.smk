@@ -1,0 +1,81 @@
+# Stage: MR-PLIP pretraining over the per-slide feature files (stage target rule 'pretrain').
+#
+# One job for the whole cohort: `torchrun` starts one process per GPU (or per CPU process
+# with gloo when there is no GPU), each reading bags lazily from the per-slide HDF5/Parquet
+# files. The outputs are the exported model (written last); config.yaml, metrics.csv,
+# tokenizer/ and checkpoints/ in the same folder are not rule outputs, so Snakemake never
+# deletes them: a job killed by a time limit resumes exactly from its last checkpoint when
+# rerun, and its metrics continue.
+# A changed pretrain config reruns the rule; if the run already has checkpoints the
+# trainer refuses to resume them with a different config (use a new pretrain.run name).
+#
+# Multi-node (docs/cluster.md, profiles/slurm): the profile gives this rule `nodes`,
+# `tasks` = nodes, `gres: gpu:<type>:<GPUs per node>` and `mpi: srun`; the launcher
+# workflow/scripts/torchrun.sh then runs `srun` once, which starts one
+# `torchrun --nnodes=N --nproc-per-node=<GPUs on the node> --rdzv-backend=c10d
+# --rdzv-endpoint=<first node>:<port>` per node; ranks meet there and NCCL connects them.
+# Without Slurm (resources.mpi empty) it runs `torchrun --standalone --nproc-per-node=P`.
+# The run folder must be on a filesystem every node sees (each rank writes its RNG state).
+
+
+import mrplip_core.train
+
+# The pretrain section has its own schema beside the code that reads it (defaults filled here).
+validate(config["pretrain"], os.path.join(os.path.dirname(mrplip_core.train.__file__), "config_schema.yaml"))
+
+TORCHRUN_LAUNCHER = os.path.join(workflow.basedir, "scripts", "torchrun.sh")
+
+
+rule pretrain:
+    input:
+        slides="results/slides.parquet",
+        tiles=expand("results/tiles/{slide}.parquet", slide=SLIDE_IDS),
+        captions=expand("results/captions/{slide}.parquet", slide=SLIDE_IDS),
+        image_features=expand(
+            "results/features/{encoder}/{slide}.h5",
+            encoder=config["features"].get("image_encoder", "tiny-vit-random"),
+            slide=SLIDE_IDS,
+        ),
+        text_features=expand(
+            "results/text_features/{encoder}/{slide}.h5",
+            encoder=config["features"].get("text_encoder", "minilm"),
+            slide=SLIDE_IDS,
+        ),
+    output:
+        model=f"results/pretrain/{config['pretrain']['run']}/model.safetensors",
+        model_json=f"results/pretrain/{config['pretrain']['run']}/model.json",
+    params:
+        # the pretrain section, pointed at this workflow's results and feature encoders
+        # (also the rerun trigger: a changed setting reruns the rule)
+        settings=json.dumps(
+            {
+                **config["pretrain"],
+                "data": {
+                    **config["pretrain"].get("data", {}),
+                    "results": "results",
+                    "image_encoder": config["features"].get("image_encoder", "tiny-vit-random"),
+                    "text_encoder": config["features"].get("text_encoder", "minilm"),
+                },
+            },
+            sort_keys=True,
+        ),
+        run_dir=f"results/pretrain/{config['pretrain']['run']}",
+        nproc=config["pretrain"]["resources"].get("processes_per_node", 1),
+        omp=config["pretrain"]["resources"].get("threads_per_process", 1),
+        python=sys.executable,
+        version=mrplip_core.__version__,
+    log:
+        f"logs/pretrain/{config['pretrain']['run']}.log",
+    threads: config["pretrain"]["resources"]["processes_per_node"] * config["pretrain"]["resources"]["threads_per_process"]
+    resources:
+        gpu=config["pretrain"]["resources"].get("gpus_per_node", 0),
+        mem_mb=config["pretrain"]["resources"].get("mem_mb", 16000),
+        runtime=config["pretrain"]["resources"].get("runtime", 2880),
+        # profiles/slurm sets "srun": one torchrun per node of the allocation. Quoted by hand in
+        # the command: `{resources.mpi:q}` renders "" as nothing, which shifts the launcher's
+        # arguments on a machine without Slurm.
+        mpi="",
+    shell:
+        "OMP_NUM_THREADS={params.omp} bash {TORCHRUN_LAUNCHER:q} '{resources.mpi}' {params.nproc}"
+        " {params.python:q} -m mrplip_core pretrain --settings {params.settings:q} --run-dir {params.run_dir:q}"
+        " > {log} 2>&1"
