@@ -1,8 +1,10 @@
 """Benchmark image feature extraction: images/s and where the time goes.
 
 Phases, each measured alone on the same patches (one slide's tile manifest):
-- read      Slide.read_region at the manifest's patch_px, one process (CPU ms/patch, also
-            per magnification: 5x/10x patches come from coarser levels than 40x ones)
+- read      PatchDataset.read at the manifest's patch_px, one process, in manifest order (CPU
+            ms/patch: children cropped from their parents' reads where the pyramid allows, see
+            mrplip_core.features.dataset), and each patch read alone per magnification (5x/10x
+            patches come from coarser levels than 40x ones)
 - resize    patch_px -> encoder input_px with cv2 (CPU ms/patch)
 - loader    the DataLoader alone (W workers, each with its own OpenSlide handle): images/s,
             and CPU ms per image summed over workers (what it costs wherever it runs), for
@@ -92,7 +94,7 @@ def main() -> None:
     p.add_argument("--weights", default=None, help="local weights (default: random init, recorded)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=256, help="the config's features.batch_size default")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
     p.add_argument("--patches", type=int, default=512, help="patches per phase (manifest cycled)")
@@ -131,7 +133,7 @@ def main() -> None:
     t_resize = timed(lambda i: resize_patch(patches[i], enc.input_px), k)
     res["read_ms_per_patch"] = round(1000 * t_read / k, 2)
     res["resize_ms_per_patch"] = round(1000 * t_resize / k, 2)
-    whole = PatchDataset(rec["path"], rec["slide_id"], rec["mpp"], manifest, enc.input_px)
+    whole = PatchDataset(rec["path"], rec["slide_id"], rec["mpp"], manifest, enc.input_px, cache_bytes=0)
     by_mag = {}
     for mag, rows_of_mag in manifest.groupby("magnification").indices.items():
         sample = rows_of_mag[:16]

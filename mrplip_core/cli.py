@@ -119,10 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # later stages register their own verbs (their modules import heavy libraries lazily)
     from mrplip_core.captions import cli as captions_cli
+    from mrplip_core.evaluation import cli as evaluation_cli
     from mrplip_core.features import cli as features_cli
     from mrplip_core.train import cli as train_cli
 
-    for stage in (captions_cli, features_cli, train_cli):
+    for stage in (captions_cli, features_cli, train_cli, evaluation_cli):
         stage.register(sub)
     return p
 

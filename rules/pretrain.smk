@@ -18,12 +18,44 @@
 # The run folder must be on a filesystem every node sees (each rank writes its RNG state).
 
 
-import mrplip_core.train
+import re
 
+import mrplip_core.train
+from mrplip_core.train.ablations import expand_runs
+
+PRETRAIN_SCHEMA = os.path.join(os.path.dirname(mrplip_core.train.__file__), "config_schema.yaml")
 # The pretrain section has its own schema beside the code that reads it (defaults filled here).
-validate(config["pretrain"], os.path.join(os.path.dirname(mrplip_core.train.__file__), "config_schema.yaml"))
+validate(config["pretrain"], PRETRAIN_SCHEMA)
 
 TORCHRUN_LAUNCHER = os.path.join(workflow.basedir, "scripts", "torchrun.sh")
+
+
+# Runs: the pretrain section under pretrain.run, plus one per `ablations` entry (that section
+# with the entry's keys changed, under the entry's name). Each is validated like the main one.
+PRETRAIN_MAIN_RUN = config["pretrain"]["run"]
+PRETRAIN_SETTINGS = expand_runs(config["pretrain"], config.get("ablations"))
+for _name in list(PRETRAIN_SETTINGS)[1:]:
+    try:
+        validate(PRETRAIN_SETTINGS[_name], PRETRAIN_SCHEMA)
+    except Exception as exc:
+        raise ValueError(f"config ablations.{_name}: the pretrain section it makes is invalid: {exc}") from None
+PRETRAIN_RUNS = list(PRETRAIN_SETTINGS)  # read by rules/evaluate.smk
+PRETRAIN_ABLATIONS = PRETRAIN_RUNS[1:]
+_IMAGE_ENCODER = config["features"].get("image_encoder", "tiny-vit-random")
+_TEXT_ENCODER = config["features"].get("text_encoder", "minilm")
+
+
+def RUN_IMAGE_ENCODER(run):  # read by rules/evaluate.smk: every run trains on these features
+    return _IMAGE_ENCODER
+
+
+def pretrain_settings_json(run):
+    """A run's pretrain section, pointed at this workflow's results and feature encoders
+    (also the rerun trigger: a changed setting reruns the run)."""
+    section = PRETRAIN_SETTINGS[run]
+    data = {**section.get("data", {}), "results": "results", "image_encoder": _IMAGE_ENCODER,
+            "text_encoder": _TEXT_ENCODER}
+    return json.dumps({**section, "data": data}, sort_keys=True)
 
 
 rule pretrain:
@@ -33,39 +65,26 @@ rule pretrain:
         captions=expand("results/captions/{slide}.parquet", slide=SLIDE_IDS),
         image_features=expand(
             "results/features/{encoder}/{slide}.h5",
-            encoder=config["features"].get("image_encoder", "tiny-vit-random"),
+            encoder=_IMAGE_ENCODER,
             slide=SLIDE_IDS,
         ),
         text_features=expand(
             "results/text_features/{encoder}/{slide}.h5",
-            encoder=config["features"].get("text_encoder", "minilm"),
+            encoder=_TEXT_ENCODER,
             slide=SLIDE_IDS,
         ),
     output:
-        model=f"results/pretrain/{config['pretrain']['run']}/model.safetensors",
-        model_json=f"results/pretrain/{config['pretrain']['run']}/model.json",
+        model=f"results/pretrain/{PRETRAIN_MAIN_RUN}/model.safetensors",
+        model_json=f"results/pretrain/{PRETRAIN_MAIN_RUN}/model.json",
     params:
-        # the pretrain section, pointed at this workflow's results and feature encoders
-        # (also the rerun trigger: a changed setting reruns the rule)
-        settings=json.dumps(
-            {
-                **config["pretrain"],
-                "data": {
-                    **config["pretrain"].get("data", {}),
-                    "results": "results",
-                    "image_encoder": config["features"].get("image_encoder", "tiny-vit-random"),
-                    "text_encoder": config["features"].get("text_encoder", "minilm"),
-                },
-            },
-            sort_keys=True,
-        ),
-        run_dir=f"results/pretrain/{config['pretrain']['run']}",
+        settings=pretrain_settings_json(PRETRAIN_MAIN_RUN),
+        run_dir=f"results/pretrain/{PRETRAIN_MAIN_RUN}",
         nproc=config["pretrain"]["resources"].get("processes_per_node", 1),
         omp=config["pretrain"]["resources"].get("threads_per_process", 1),
         python=sys.executable,
         version=mrplip_core.__version__,
     log:
-        f"logs/pretrain/{config['pretrain']['run']}.log",
+        f"logs/pretrain/{PRETRAIN_MAIN_RUN}.log",
     threads: config["pretrain"]["resources"]["processes_per_node"] * config["pretrain"]["resources"]["threads_per_process"]
     resources:
         gpu=config["pretrain"]["resources"].get("gpus_per_node", 0),
@@ -79,3 +98,21 @@ rule pretrain:
         "OMP_NUM_THREADS={params.omp} bash {TORCHRUN_LAUNCHER:q} '{resources.mpi}' {params.nproc}"
         " {params.python:q} -m mrplip_core pretrain --settings {params.settings:q} --run-dir {params.run_dir:q}"
         " > {log} 2>&1"
+
+
+# An ablation: the same job on its own run folder (profiles give it pretrain's resources).
+use rule pretrain as pretrain_ablation with:
+    output:
+        model="results/pretrain/{run}/model.safetensors",
+        model_json="results/pretrain/{run}/model.json",
+    wildcard_constraints:
+        run="|".join(re.escape(r) for r in PRETRAIN_ABLATIONS) or "no-ablations",
+    params:
+        settings=lambda wc: pretrain_settings_json(wc.run),
+        run_dir=lambda wc: f"results/pretrain/{wc.run}",
+        nproc=config["pretrain"]["resources"].get("processes_per_node", 1),
+        omp=config["pretrain"]["resources"].get("threads_per_process", 1),
+        python=sys.executable,
+        version=mrplip_core.__version__,
+    log:
+        "logs/pretrain/{run}.log",

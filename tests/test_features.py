@@ -28,11 +28,14 @@ from safetensors.torch import save_file  # noqa: E402
 
 import mrplip_core  # noqa: E402
 from mrplip_core.encoders import load_image_encoder, load_text_encoder  # noqa: E402
+from mrplip_core.encoders.image import ImageEncoder, resize_patch  # noqa: E402
 from mrplip_core.encoders.weights import file_sha256, state_dict_sha256  # noqa: E402
 from mrplip_core.features import FeatureSettings  # noqa: E402
+from mrplip_core.features.dataset import PatchDataset  # noqa: E402
 from mrplip_core.features.image import extract_image_features  # noqa: E402
 from mrplip_core.features.text import extract_text_features  # noqa: E402
 from mrplip_core.wsi.slide import Slide, SlideError  # noqa: E402
+from mrplip_core.wsi.synthetic import write_synthetic_slide  # noqa: E402
 from mrplip_core.wsi.tiling import TilesOutputs, TilesSettings, tile_slide  # noqa: E402
 
 SLIDE_ID = "CMU-1-Small-Region"
@@ -65,9 +68,14 @@ def cmu_features(cmu: TilesOutputs, tmp_path_factory: pytest.TempPathFactory) ->
     return out, summary
 
 
-def reference_features(manifest: pd.DataFrame, record: dict) -> np.ndarray:
+@pytest.fixture(scope="module")
+def tiny() -> ImageEncoder:
+    """The seeded tiny-vit-random, built once for the tests that are not about building it."""
+    return load_image_encoder("tiny-vit-random")
+
+
+def reference_features(manifest: pd.DataFrame, record: dict, model: torch.nn.Module) -> np.ndarray:
     """A direct forward pass: Slide.read_region, cv2 area resize, ImageNet normalisation, fp32."""
-    model = load_image_encoder("tiny-vit-random").module
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     images = []
     with Slide(record["path"], SLIDE_ID, mpp=record["mpp"]) as slide:
@@ -79,12 +87,12 @@ def reference_features(manifest: pd.DataFrame, record: dict) -> np.ndarray:
         return model(torch.tensor(np.stack(images), dtype=torch.float32)).numpy()
 
 
-def test_features_match_a_direct_forward_pass_and_the_manifest(cmu, cmu_features) -> None:
+def test_features_match_a_direct_forward_pass_and_the_manifest(cmu, cmu_features, tiny) -> None:
     out, summary = cmu_features
     manifest = pd.read_parquet(cmu.manifest)
     record = json.loads(cmu.record.read_text())
     assert summary["status"] == "ok" and summary["n_patches"] == len(manifest) == 2 * (1 + 4 + 16)
-    expected = reference_features(manifest, record)
+    expected = reference_features(manifest, record, tiny.module)
     with h5py.File(out, "r") as f:
         assert sorted(f) == ["10x", "20x", "5x"] and list(f.attrs["magnifications"]) == ["5x", "10x", "20x"]
         seen = []
@@ -121,12 +129,45 @@ def test_attrs_say_what_the_file_holds(cmu_features) -> None:
     assert a["n_patches"] == 42 and a["num_workers"] == 2 and a["batch_size"] == 16 and a["read"] == "manifest"
 
 
-def test_pyramid_read_mode_reads_the_box_at_input_size(cmu, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def pyramid(tmp_path_factory: pytest.TempPathFactory) -> TilesOutputs:
+    """A synthetic 40x pyramidal TIFF (downsamples 1, 4): 5x/10x read from level 1, 20x/40x from level 0."""
+    out = tmp_path_factory.mktemp("pyramid")
+    slide = write_synthetic_slide(out / "synthetic.tiff", 4096, 3072, 0.25, seed=3)
+    outs = TilesOutputs(out / "s.parquet", out / "t.geojson", out / "t.png", out / "s.json")
+    tiling = {**TILING["tiling"], "magnifications": [5, 10, 20, 40], "patch_px": 128, "min_tissue_fraction": 0.1}
+    tile_slide("synthetic", slide, outs, TilesSettings.from_dict({"tiling": tiling}))
+    return outs
+
+
+@pytest.mark.parametrize("slide_fixture", ["cmu", "pyramid"])
+def test_children_cropped_from_a_parent_read_are_bit_identical(slide_fixture, request) -> None:
+    """Shared reads give exactly Slide.read_region's patch, whatever order the rows come in."""
+    outs = request.getfixturevalue(slide_fixture)
+    manifest = pd.read_parquet(outs.manifest)
+    record = json.loads(outs.record.read_text())
+    with Slide(record["path"], "s", mpp=record["mpp"]) as slide:
+        expected = [slide.read_region(r.x, r.y, r.size, r.patch_px, level=r.read_level) for r in manifest.itertuples()]
+    in_order = PatchDataset(record["path"], "s", record["mpp"], manifest, 112)
+    for i, patch in enumerate(expected):
+        assert np.array_equal(in_order.encoder_input(i), resize_patch(patch, 112)), i
+    cropped = in_order._sources != np.arange(len(manifest))
+    # one level (CMU): every non-root patch is a crop of its bag root; the pyramid: 10x and 40x
+    mags = manifest["magnification"].to_numpy()
+    assert cropped.tolist() == (mags != 5 if slide_fixture == "cmu" else (mags == 10) | (mags == 40)).tolist()
+    shuffled = np.random.default_rng(0).permutation(len(manifest))
+    for cache_bytes in (1, 2**30):  # evicting all but one region; keeping everything
+        ds = PatchDataset(record["path"], "s", record["mpp"], manifest, 112, cache_bytes=cache_bytes)
+        for i in shuffled:
+            assert np.array_equal(ds.read(int(i)), expected[i]), i
+
+
+def test_pyramid_read_mode_reads_the_box_at_input_size(cmu, tiny, tmp_path) -> None:
     out = tmp_path / "pyramid.h5"
-    extract_image_features(SLIDE_ID, cmu.manifest, cmu.record, out, replace(CPU, read="pyramid"))
+    extract_image_features(SLIDE_ID, cmu.manifest, cmu.record, out, replace(CPU, read="pyramid"), encoder=tiny)
     manifest = pd.read_parquet(cmu.manifest)
     record = json.loads(cmu.record.read_text())
-    enc = load_image_encoder("tiny-vit-random")
+    enc = tiny
     with Slide(record["path"], SLIDE_ID, mpp=record["mpp"]) as slide:
         images = [slide.read_region(r.x, r.y, r.size, 112) for r in manifest.itertuples()]
     with torch.inference_mode():
@@ -172,24 +213,24 @@ def test_failed_slide_gets_a_valid_file_with_zero_rows(shared_data, tmp_path) ->
         assert f.attrs["dim"] == 192 and f.attrs["encoder"] == "tiny-vit-random"
 
 
-def test_slide_unreadable_at_feature_time_is_recorded_or_raised(cmu, tmp_path) -> None:
+def test_slide_unreadable_at_feature_time_is_recorded_or_raised(cmu, tiny, tmp_path) -> None:
     record = json.loads(cmu.record.read_text())
     record["path"] = str(tmp_path / "moved-away.svs")
     moved = tmp_path / "record.json"
     moved.write_text(json.dumps(record))
     out = tmp_path / "f.h5"
-    summary = extract_image_features(SLIDE_ID, cmu.manifest, moved, out, CPU)
+    summary = extract_image_features(SLIDE_ID, cmu.manifest, moved, out, CPU, encoder=tiny)
     assert summary["status"] == "failed" and SLIDE_ID in summary["error"]
     with h5py.File(out, "r") as f:
         assert f.attrs["status"] == "failed" and "file not found" in f.attrs["reason"] and list(f) == []
     out.unlink()
     with pytest.raises(SlideError, match="file not found"):
-        extract_image_features(SLIDE_ID, cmu.manifest, moved, out, replace(CPU, failures_fatal=True))
+        extract_image_features(SLIDE_ID, cmu.manifest, moved, out, replace(CPU, failures_fatal=True), encoder=tiny)
     assert not out.exists()
 
 
-def test_a_crash_mid_slide_leaves_no_file(cmu, tmp_path, monkeypatch) -> None:
-    enc = load_image_encoder("tiny-vit-random")
+def test_a_crash_mid_slide_leaves_no_file(cmu, tiny, tmp_path, monkeypatch) -> None:
+    enc = tiny  # monkeypatch restores its forward afterwards
     calls = {"n": 0}
     forward = enc.module.forward
 

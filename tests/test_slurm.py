@@ -71,9 +71,9 @@ def job_counts(output: str) -> dict[str, int]:
 
 
 def copy_workflow(dst: Path) -> Path:
-    """The workflow as a user has it: workflow/, rules/, config.yaml and the slide table."""
+    """The workflow as a user has it: workflow/, rules/, evaluation/ (prompt files), config.yaml and the slide table."""
     dst.mkdir(parents=True, exist_ok=True)
-    for d in ("workflow", "rules"):
+    for d in ("workflow", "rules", "evaluation"):
         shutil.copytree(REPO / d, dst / d, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "config.yaml", dst / "config.yaml")
     (dst / "demo").mkdir(exist_ok=True)

@@ -135,3 +135,24 @@ def test_slide_table_errors_name_the_row(tmp_path):
     wd = make_workdir(tmp_path, [("bad id!", "x.svs", "")])
     proc = snakemake(wd, "tiles", check=False)
     assert proc.returncode != 0 and "bad id!" in proc.stderr and "slides.tsv" in proc.stderr
+
+
+def test_default_run_plans_every_stage_through_the_report_from_any_workdir(tmp_path):
+    """`snakemake` with the shipped config, run with -d elsewhere: every stage down to the HTML
+    report is planned, and the shipped zero-shot prompt files are found in the repository."""
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "slides.tsv").write_text((REPO / "demo" / "slides.tsv").read_text())
+    proc = snakemake(tmp_path, "-n")
+    counts = job_counts(proc)
+    n_slides = 2
+    for rule in ("demo_slide", "tiles_slide", "captions_slide", "keywords_slide", "features_slide",
+                 "text_features_slide"):
+        assert counts.get(rule) == n_slides, (rule, counts)
+    for rule in ("slides_table", "pretrain", "pretrain_ablation", "eval_summary", "html_report", "all"):
+        assert counts.get(rule) == 1, (rule, counts)
+    # frozen baseline, the pretrain run and its ablation (config `ablations`), on each of the
+    # two configured tile sets; retrieval for both runs
+    assert counts.get("eval_dataset") == 6, counts
+    assert counts.get("eval_retrieval") == 2, counts
+    assert str(REPO / "evaluation" / "prompts" / "nct_crc.json") in proc.stdout

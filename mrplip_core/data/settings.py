@@ -1,44 +1,9 @@
-"""Settings of the bag dataset (config section ``pretrain.data``), and the strict
-dict -> dataclass conversion every ``pretrain`` section uses."""
+"""Settings of the bag dataset (config section ``pretrain.data``)."""
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-
-T = TypeVar("T")
-
-
-def from_mapping(cls: type[T], values: Mapping[str, Any] | None, section: str) -> T:
-    """Build dataclass ``cls`` from a plain mapping; unknown keys are an error naming them.
-
-    Lists become tuples where the field's default is a tuple (YAML has no tuples).
-    """
-    values = dict(values or {})
-    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown key(s) in {section}: {unknown}; known: {sorted(names)}")
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):  # type: ignore[arg-type]
-        if f.name in values and isinstance(values[f.name], list) and "tuple" in str(hints[f.name]):
-            values[f.name] = tuple(values[f.name])
-    return cls(**values)
-
-
-def to_plain(obj: Any) -> Any:
-    """Dataclass -> dict of plain YAML/JSON types (tuples become lists)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, Mapping):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    return obj
 
 
 @dataclass(frozen=True)

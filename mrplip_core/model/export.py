@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from mrplip_core.data.settings import from_mapping, to_plain
+from mrplip_core.config_mapping import from_mapping, to_plain
 from mrplip_core.io.atomic import atomic_path, write_text
 from mrplip_core.model.mrplip import MRPLIPModel
 from mrplip_core.model.settings import ModelDims, ModelSettings

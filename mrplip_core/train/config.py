@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from mrplip_core.data.settings import DataSettings, from_mapping, to_plain
+from mrplip_core.config_mapping import from_mapping, to_plain
+from mrplip_core.data.settings import DataSettings
 from mrplip_core.losses import DEFAULT_CONFIG as LOSS_DEFAULTS
 from mrplip_core.losses import TERMS
 from mrplip_core.model.settings import ModelSettings

@@ -207,12 +207,7 @@ class Slide:
                 f"slide {self.slide_id!r}: read failed at level-0 ({x}, {y}) size {w}x{h} "
                 f"level {level} in {self.path}: {exc}"
             ) from exc
-        rgb = _rgba_to_rgb_on_white(rgba)
-        if (lw, lh) == (out_w, out_h):
-            return rgb
-        shrinking = lw >= out_w and lh >= out_h
-        interp = cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC
-        return cv2.resize(rgb, (out_w, out_h), interpolation=interp)
+        return resize_level_pixels(_rgba_to_rgb_on_white(rgba), out_w, out_h)
 
     def thumbnail(self, target_mpp: float, chunk_px: int = 2048) -> tuple[np.ndarray, float]:
         """An RGB overview at about ``target_mpp`` um/px, built in chunks.
@@ -242,12 +237,22 @@ class Slide:
         return thumb, wanted
 
 
+def resize_level_pixels(rgb: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
+    """Level pixels to ``out_w`` x ``out_h`` px the way every patch read is resized: area
+    interpolation when shrinking, bicubic otherwise, untouched when the size already fits."""
+    h, w = rgb.shape[:2]
+    if (w, h) == (out_w, out_h):
+        return rgb
+    interp = cv2.INTER_AREA if (w >= out_w and h >= out_h) else cv2.INTER_CUBIC
+    return cv2.resize(rgb, (out_w, out_h), interpolation=interp)
+
+
 def _rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
     """Composite OpenSlide's (non-premultiplied) RGBA onto white; returns RGB uint8."""
     rgb = rgba[..., :3]
     alpha = rgba[..., 3]
     if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
+        return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)  # same pixels as rgba[..., :3], ~30x faster copy
     a = alpha[..., None].astype(np.uint16)
     out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255  # integer maths: no float copy
     return out.astype(np.uint8)

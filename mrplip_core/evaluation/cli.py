@@ -1,0 +1,184 @@
+"""``mrplip`` verbs of the evaluation stage; :func:`register` adds them to the main parser.
+
+    mrplip eval-features --dataset nct_crc --encoder uni --settings JSON --out results/eval/features/uni/nct_crc.h5
+    mrplip evaluate --model frozen-uni --dataset nct_crc --settings JSON --out results/eval/frozen-uni/nct_crc
+    mrplip evaluate-retrieval --model myrun --settings JSON --out results/eval/myrun/retrieval
+    mrplip eval-summary --out results/eval/summary.csv results/eval/*/*/metrics.json
+    mrplip report --settings JSON --results results --out results/report
+
+``--settings`` is JSON of ``{"evaluation": ..., "features": ...}`` (the config's sections; the
+rules pass it), or of the evaluation section alone. Nothing heavy is imported until a verb runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _settings(a: argparse.Namespace) -> tuple[Any, Any]:
+    """(EvaluationSettings, FeatureSettings) from ``--settings``."""
+    from mrplip_core.evaluation.settings import EvaluationSettings
+    from mrplip_core.features.settings import FeatureSettings
+
+    raw = json.loads(a.settings) if getattr(a, "settings", None) else {}
+    if "evaluation" in raw or "features" in raw:
+        return EvaluationSettings.from_dict(raw.get("evaluation")), FeatureSettings.from_dict(raw.get("features"))
+    return EvaluationSettings.from_dict(raw), FeatureSettings()
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, n))
+
+
+def _dataset(settings: Any, name: str) -> tuple[Any, Any, str | None]:
+    """(spec, TileDataset or None, reason) for a configured dataset."""
+    from mrplip_core.evaluation.datasets import TileDataset
+
+    spec = settings.dataset(name)
+    if spec.optional and not Path(spec.path).expanduser().exists():
+        return spec, None, f"optional dataset: {spec.path} does not exist here"
+    return spec, TileDataset.load(spec), None
+
+
+def _cmd_eval_features(a: argparse.Namespace) -> int:
+    from mrplip_core.evaluation.embedders import FrozenImageEncoder
+    from mrplip_core.evaluation.tile_features import compute_tile_features
+
+    _logging()
+    _threads(a.threads)
+    settings, features = _settings(a)
+    spec, dataset, reason = _dataset(settings, a.dataset)
+    if dataset is None:
+        print(f"mrplip eval-features: {reason}", file=sys.stderr)
+        return 2
+    encoder = FrozenImageEncoder.load(a.encoder, features, settings.embedding)
+    s = compute_tile_features(dataset, encoder, a.out, read_threads=settings.embedding.read_threads)
+    print(f"{spec.name}: {s['n']} tiles through {s['encoder']} (D={s['dim']}) -> {a.out}")
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from mrplip_core.evaluation.embedders import build_embedder
+    from mrplip_core.evaluation.prompts import PromptSet
+    from mrplip_core.evaluation.run import evaluate_dataset, skipped_dataset
+
+    _logging()
+    _threads(a.threads)
+    settings, features = _settings(a)
+    spec, dataset, reason = _dataset(settings, a.dataset)
+    out = Path(a.out or Path(a.results) / "eval" / a.model / a.dataset)
+    if dataset is None:
+        skipped_dataset(a.model, spec, reason or "", out)
+        print(f"{a.model} on {spec.name}: skipped ({reason}) -> {out}/metrics.json")
+        return 0
+    embedder = build_embedder(a.model, results=a.results, features=features, embedding=settings.embedding)
+    prompt_file = a.prompts or spec.prompts
+    prompts = PromptSet.read(prompt_file) if prompt_file else None
+    r = evaluate_dataset(embedder, dataset, settings, out, prompts=prompts, tile_features=a.tile_features, spec=spec)
+    for task in ("zero_shot", "linear_probe"):
+        t = r[task]
+        summary = (f"weighted F1 {t['weighted_f1']:.3f}, balanced accuracy {t['balanced_accuracy']:.3f} (n={t['n']})"
+                   if t.get("status") == "ok" else f"{t.get('status')}: {t.get('reason', '')}")
+        print(f"{a.model} on {spec.name}, {task}: {summary}")
+    print(f"-> {out}")
+    return 0
+
+
+def _cmd_evaluate_retrieval(a: argparse.Namespace) -> int:
+    from mrplip_core.evaluation.embedders import build_embedder
+    from mrplip_core.evaluation.run import run_retrieval
+
+    _logging()
+    _threads(a.threads)
+    settings, features = _settings(a)
+    out = Path(a.out or Path(a.results) / "eval" / a.model / "retrieval")
+    embedder = build_embedder(a.model, results=a.results, features=features, embedding=settings.embedding)
+    run_dir = Path(a.results) / "pretrain" / a.model
+    r = run_retrieval(embedder, a.results, settings, out, run_dir if run_dir.is_dir() else None)
+    if r.get("status") == "ok":
+        print(f"{a.model} retrieval on {r['n_pairs']} pairs: image->text {r['image_to_text']}, text->image {r['text_to_image']}")
+    else:
+        print(f"{a.model} retrieval: {r.get('status')}: {r.get('reason', '')}")
+    return 0
+
+
+def _cmd_eval_summary(a: argparse.Namespace) -> int:
+    from mrplip_core.evaluation.run import write_summary
+
+    df = write_summary(a.metrics, a.out)
+    print(f"{len(df)} rows from {len(a.metrics)} metrics files -> {a.out}")
+    return 0
+
+
+def _cmd_report(a: argparse.Namespace) -> int:
+    from mrplip_core.report import build_report
+
+    _logging()
+    settings, _ = _settings(a)
+    runs = a.runs.split(",") if a.runs else (list(settings.runs) if settings.runs is not None else None)
+    path = build_report(a.results, a.out, settings=settings.report, runs=runs, datasets=settings.datasets)
+    print(f"report -> {path} (open it in a browser: file://{path.resolve()})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``eval-features``, ``evaluate``, ``evaluate-retrieval``, ``eval-summary`` and ``report``."""
+    settings_help = "JSON of {evaluation: ..., features: ...} (the config's sections)"
+
+    s = sub.add_parser("eval-features", help="frozen-encoder features of an evaluation tile set (HDF5)")
+    s.add_argument("--dataset", required=True, help="a key of evaluation.datasets")
+    s.add_argument("--encoder", required=True, help="image encoder registry name")
+    s.add_argument("--out", required=True, help="results/eval/features/{encoder}/{dataset}.h5")
+    s.add_argument("--settings", default="", help=settings_help)
+    s.add_argument("--threads", type=int, default=2)
+    s.set_defaults(func=_cmd_eval_features)
+
+    s = sub.add_parser("evaluate", help="zero-shot, linear probe and k-shot of one model on one tile set")
+    s.add_argument("--model", required=True, help="frozen-{encoder} (baseline) or a pretrain run name")
+    s.add_argument("--dataset", required=True, help="a key of evaluation.datasets")
+    s.add_argument("--results", default="results", help="the workflow's results folder")
+    s.add_argument("--out", default=None, help="output folder (default RESULTS/eval/MODEL/DATASET)")
+    s.add_argument("--tile-features", default=None, help="cached frozen features of the tiles (eval-features)")
+    s.add_argument("--prompts", default=None, help="zero-shot prompt JSON; default: the dataset's evaluation.datasets.{name}.prompts")
+    s.add_argument("--settings", default="", help=settings_help)
+    s.add_argument("--threads", type=int, default=2)
+    s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("evaluate-retrieval", help="image<->text recall@K on held-out patch/caption pairs")
+    s.add_argument("--model", required=True, help="a pretrain run name")
+    s.add_argument("--results", default="results")
+    s.add_argument("--out", default=None, help="output folder (default RESULTS/eval/MODEL/retrieval)")
+    s.add_argument("--settings", default="", help=settings_help)
+    s.add_argument("--threads", type=int, default=2)
+    s.set_defaults(func=_cmd_evaluate_retrieval)
+
+    s = sub.add_parser("eval-summary", help="one CSV row per (model, dataset, task) from metrics.json files")
+    s.add_argument("metrics", nargs="*", help="metrics.json files")
+    s.add_argument("--out", required=True, help="results/eval/summary.csv")
+    s.set_defaults(func=_cmd_eval_summary)
+
+    s = sub.add_parser("report", help="the static HTML report (results/report/index.html)")
+    s.add_argument("--results", default="results")
+    s.add_argument("--out", default="results/report")
+    s.add_argument("--runs", default=None, help="comma-separated pretrain runs to show (default: evaluation.runs, else all)")
+    s.add_argument("--settings", default="", help=settings_help)
+    s.set_defaults(func=_cmd_report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m mrplip_core.evaluation``) until the verbs are wired into ``mrplip``."""
+    parser = argparse.ArgumentParser(prog="mrplip")
+    register(parser.add_subparsers(dest="verb", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)

@@ -1,0 +1,130 @@
+# Stage 5: evaluation (config `evaluation`) and the HTML report. The plan (which models, which
+# tile sets, which files each job needs) is mrplip_core.evaluation.plan; this file only turns it
+# into rules. Models are the frozen-encoder baselines ("frozen-{encoder}", no pretraining) and
+# every pretrain run; each is evaluated on every configured tile set (zero-shot, linear probe,
+# k-shot), runs also on retrieval over held-out patch/caption pairs. Frozen tile features are
+# computed once per (encoder, dataset) and shared by the baseline and every run on that encoder.
+from mrplip_core.evaluation.plan import EvaluationPlan, alternatives
+
+EVAL_PLAN = EvaluationPlan.from_config(
+    config,
+    SLIDE_IDS,
+    pretrain_runs=globals().get("PRETRAIN_RUNS"),  # defined by rules/pretrain.smk, when included first
+    run_encoder=globals().get("RUN_IMAGE_ENCODER"),  # run name -> image encoder, likewise
+    bundled_root=os.path.normpath(os.path.join(workflow.basedir, "..")),  # shipped prompt files
+)
+EVAL = EVAL_PLAN.settings
+EVAL_CLI = f"{shlex.quote(sys.executable)} -m mrplip_core.evaluation"
+# Not sorted: the report lists datasets in the order the config gives them.
+EVAL_SETTINGS_ARG = shlex.quote(
+    json.dumps({"evaluation": config.get("evaluation") or {}, "features": config.get("features") or {}})
+)
+
+
+rule eval_tile_features:
+    input:
+        tiles=lambda wc: EVAL_PLAN.datasets[wc.dataset].path,
+    output:
+        "results/eval/features/{encoder}/{dataset}.h5",
+    wildcard_constraints:
+        dataset=alternatives(list(EVAL_PLAN.datasets), "no-datasets"),
+    params:
+        trigger=lambda wc: EVAL_PLAN.dataset_trigger(wc.dataset),
+        version=mrplip_core.__version__,
+    log:
+        "logs/eval/features/{encoder}/{dataset}.log",
+    threads: EVAL.threads
+    resources:
+        mem_mb=EVAL.mem_mb,
+        runtime=EVAL.runtime,
+        gpu=EVAL.gpu,
+    shell:
+        "{EVAL_CLI} eval-features --dataset {wildcards.dataset} --encoder {wildcards.encoder} --out {output}"
+        " --settings {EVAL_SETTINGS_ARG} --threads {threads} > {log} 2>&1"
+
+
+rule eval_dataset:
+    input:
+        unpack(lambda wc: EVAL_PLAN.dataset_inputs(wc.model, wc.dataset)),
+    output:
+        "results/eval/{model}/{dataset}/metrics.json",
+    wildcard_constraints:
+        model=alternatives(EVAL_PLAN.models, "no-models"),
+        dataset=alternatives(list(EVAL_PLAN.datasets), "no-datasets"),
+    params:
+        features=lambda wc, input: f"--tile-features {input.features}" if "features" in input.keys() else "",
+        prompts=lambda wc, input: f"--prompts {shlex.quote(input.prompts)}" if "prompts" in input.keys() else "",
+        trigger=lambda wc: EVAL_PLAN.dataset_trigger(wc.dataset),
+        version=mrplip_core.__version__,
+    log:
+        "logs/eval/{model}/{dataset}.log",
+    threads: EVAL.threads
+    resources:
+        mem_mb=EVAL.mem_mb,
+        runtime=EVAL.runtime,
+    shell:
+        "{EVAL_CLI} evaluate --model {wildcards.model} --dataset {wildcards.dataset} --results results"
+        " --out results/eval/{wildcards.model}/{wildcards.dataset} {params.features} {params.prompts}"
+        " --settings {EVAL_SETTINGS_ARG} --threads {threads} > {log} 2>&1"
+
+
+rule eval_retrieval:
+    input:
+        unpack(lambda wc: EVAL_PLAN.retrieval_inputs(wc.model)),
+    output:
+        "results/eval/{model}/retrieval/metrics.json",
+    wildcard_constraints:
+        model=alternatives(EVAL_PLAN.runs, "no-runs"),
+    params:
+        trigger=EVAL.digest("retrieval", "embedding"),
+        version=mrplip_core.__version__,
+    log:
+        "logs/eval/{model}/retrieval.log",
+    threads: EVAL.threads
+    resources:
+        mem_mb=EVAL.mem_mb,
+        runtime=EVAL.runtime,
+    shell:
+        "{EVAL_CLI} evaluate-retrieval --model {wildcards.model} --results results"
+        " --out results/eval/{wildcards.model}/retrieval --settings {EVAL_SETTINGS_ARG} --threads {threads} > {log} 2>&1"
+
+
+rule eval_summary:
+    input:
+        EVAL_PLAN.metrics_files(),
+    output:
+        "results/eval/summary.csv",
+    log:
+        "logs/eval/summary.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "{EVAL_CLI} eval-summary --out {output} {input} > {log} 2>&1"
+
+
+rule html_report:
+    input:
+        **EVAL_PLAN.report_inputs(),
+    output:
+        "results/report/index.html",
+    params:
+        report=EVAL.digest("report"),
+        runs=",".join(EVAL_PLAN.runs),
+        version=mrplip_core.__version__,
+    log:
+        "logs/report.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "{EVAL_CLI} report --results results --out results/report --runs {params.runs:q}"
+        " --settings {EVAL_SETTINGS_ARG} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        "results/eval/summary.csv",
+        "results/report/index.html",
