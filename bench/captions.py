@@ -3,23 +3,26 @@
     .venv/bin/python bench/captions.py                      # starts vLLM (.venv-vllm) on a tiny model
     .venv/bin/python bench/captions.py --base-url http://127.0.0.1:8000/v1   # a server you run
 
-Both sides drive the same server at the same concurrency:
+Both sides drive the same server at the same concurrency with the same request bodies
+(same patches, same image size/format/quality, same prompts and generation parameters):
 
-- *bare*: a minimal asyncio + aiohttp loop posting request bodies built beforehand (patches
-  already read and encoded): the most a client can get out of the server;
+- *bare*: a minimal asyncio + aiohttp loop posting request bodies built beforehand by the
+  client's own ``_prepare`` (patches already read and encoded, outside the timing): the most
+  a client can get out of the server;
 - *ours*: ``caption_slides`` with the ``openai`` backend, end to end: reading the patches
-  from the slide and PNG-encoding them in worker threads, the requests with retries, part
-  files, and the final atomic Parquet per slide.
-
+  from the slide and encoding them (``captions.image``) in ``io_threads`` worker threads, the
+  requests with retries, part files, and the final atomic Parquet per slide;
 - *ours, patches in memory*: the same client with each patch's request body taken from
   memory instead of being read from the slide and encoded: the client's own overhead
   (asyncio pipeline, retries bookkeeping, part files, final Parquet) without the slide I/O.
 
-Reported: patches/s of each (median of ``--repeats`` alternating runs), the ratios to bare
-(target >= 0.9), and the CPU cost of reading + encoding one patch. On a CPU-only machine the
-server runs on the same cores as the client, so every millisecond the client spends reading
-and encoding a patch is taken from the server; on a GPU node the server's work is on the GPU
-and the client reads with ``io_threads`` otherwise idle cores.
+Reported: patches/s of each (median of ``--repeats`` runs, the three sides alternating),
+the ratio to bare (target >= 0.9) as the median of the per-repeat ratios (each repeat's runs
+are back to back, so load from other work on the machine mostly cancels), and the CPU cost
+of reading + encoding one patch. On a CPU-only machine the server runs on the same cores as
+the client, so every millisecond the client spends reading and encoding a patch is taken
+from the server; on a GPU node the server's work is on the GPU and the client reads with
+``io_threads`` otherwise idle cores.
 """
 
 from __future__ import annotations
@@ -127,7 +130,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--io-threads", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--image-format", choices=["png", "jpeg"], default="png")
+    p.add_argument("--image-format", choices=["png", "jpeg"], default=None, help="captions.image.format (default: its default)")
+    p.add_argument("--jpeg-quality", type=int, default=None, help="captions.image.jpeg_quality")
     p.add_argument("--max-px", type=int, default=None, help="captions.image.max_px")
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
@@ -151,33 +155,40 @@ def main() -> int:
             base_url = server.start() + "/v1"
         results = work / "results"
         ids = make_results(Path(a.slide), results, a.copies, a.patch_px)
+        image = {"max_px": a.max_px}
+        image.update({k: v for k, v in (("format", a.image_format), ("jpeg_quality", a.jpeg_quality)) if v is not None})
         settings = CaptionSettings.from_dict({
             "backend": "openai", "io_threads": a.io_threads, "generation": {"max_tokens": a.max_tokens},
-            "image": {"format": a.image_format, "max_px": a.max_px},
-            "openai": {"base_url": base_url, "concurrency": a.concurrency}})
+            "image": image, "openai": {"base_url": base_url, "concurrency": a.concurrency}})
+        img = settings.image
+        img_desc = f"{img.format}" + (f" q{img.jpeg_quality}" if img.format == "jpeg" else "") + f" max_px {img.max_px}"
         from mrplip_core.captions.openai_backend import list_models
 
         model_id = list_models(base_url)[0]
         by_id, cpu_s = bodies_for(results, ids, settings, model_id)
         bodies = list(by_id.values())
-        print(f"{len(bodies)} patches ({a.copies} x {a.slide}), concurrency {a.concurrency}, "
-              f"max_tokens {a.max_tokens}, image {a.image_format} max_px {a.max_px}, io_threads {a.io_threads}, "
+        print(f"{len(bodies)} patches of {a.patch_px} px ({a.copies} x {a.slide}), concurrency {a.concurrency}, "
+              f"max_tokens {a.max_tokens}, image {img_desc}, io_threads {a.io_threads}, "
               f"server {base_url}; reading + encoding: {1000 * cpu_s:.1f} ms CPU per patch", flush=True)
+        print("bare: pre-built bodies (read + encoded by the client's _prepare beforehand); ours: reads the "
+              "slide and encodes in the timing; both send identical bodies", flush=True)
         bare_loop(base_url, bodies[: 2 * a.concurrency], a.concurrency)  # warm-up
         bare, mine, mem = [], [], []
         for i in range(a.repeats):
             bare.append(bare_loop(base_url, bodies, a.concurrency))
             mine.append(ours(results, ids, settings))
             mem.append(ours(results, ids, settings, backend=InMemoryBodies(settings, by_id)))
-            print(f"run {i + 1}: bare {bare[-1]:.2f}, ours {mine[-1]:.2f}, ours with patches in memory "
-                  f"{mem[-1]:.2f} patches/s", flush=True)
+            print(f"run {i + 1}: bare {bare[-1]:.2f}, ours {mine[-1]:.2f} ({mine[-1] / bare[-1]:.2f}), ours with "
+                  f"patches in memory {mem[-1]:.2f} ({mem[-1] / bare[-1]:.2f}) patches/s", flush=True)
         b, m, mm = statistics.median(bare), statistics.median(mine), statistics.median(mem)
-        print(json.dumps({"patches": len(bodies), "concurrency": a.concurrency, "max_tokens": a.max_tokens,
-                          "image_format": a.image_format, "io_threads": a.io_threads,
+        ratio = statistics.median(x / y for x, y in zip(mine, bare))
+        ratio_mem = statistics.median(x / y for x, y in zip(mem, bare))
+        print(json.dumps({"patches": len(bodies), "patch_px": a.patch_px, "concurrency": a.concurrency,
+                          "max_tokens": a.max_tokens, "image": img_desc, "io_threads": a.io_threads,
                           "read_encode_ms_per_patch": round(1000 * cpu_s, 1),
                           "bare_patches_per_s": round(b, 2), "ours_patches_per_s": round(m, 2),
-                          "ours_in_memory_patches_per_s": round(mm, 2), "ratio": round(m / b, 3),
-                          "ratio_in_memory": round(mm / b, 3)}))
+                          "ours_in_memory_patches_per_s": round(mm, 2), "ratio": round(ratio, 3),
+                          "ratio_in_memory": round(ratio_mem, 3)}))
     finally:
         if server is not None:
             server.stop()

@@ -57,7 +57,7 @@ def test_digest_tracks_what_changes_a_caption():
     tuned["flush_rows"] = 3
     assert CaptionSettings.from_dict(tuned).digest() == base.digest()
     for change in ({"generation": {"max_tokens": 5}}, {"prompts": {"default": "x"}}, {"model": "other"},
-                   {"image": {"format": "jpeg"}}):
+                   {"image": {"format": "png"}}, {"image": {"jpeg_quality": 80}}):
         assert CaptionSettings.from_dict({**d, **change}).digest() != base.digest(), change
 
 

@@ -10,11 +10,12 @@ Importing this package (or the registry) does not import torch; the builders do,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mrplip_core.encoders import catalog as _catalog  # noqa: F401  (registers the entries)
 from mrplip_core.encoders.registry import UnknownEncoderError, get_spec, list_encoders, register_encoder
 from mrplip_core.encoders.spec import EncoderSpec
+from mrplip_core.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from mrplip_core.encoders.image import ImageEncoder, load_image_encoder
@@ -43,10 +44,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Import the torch-using parts on first use."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -16,9 +16,8 @@ Embedders follow the :class:`ImageTextEmbedder` protocol (``embed_images(images,
 
 from __future__ import annotations
 
-from typing import Any
-
 from mrplip_core.evaluation.settings import DatasetSpec, EvaluationSettings
+from mrplip_core.lazy import lazy_attributes
 
 __all__ = [
     "DatasetSpec",
@@ -59,9 +58,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

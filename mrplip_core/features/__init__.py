@@ -7,9 +7,8 @@ The torch-using modules are imported on first use, so ``mrplip --help`` stays fa
 
 from __future__ import annotations
 
-from typing import Any
-
 from mrplip_core.features.settings import FeatureSettings
+from mrplip_core.lazy import lazy_attributes
 
 __all__ = ["FeatureSettings", "PatchDataset", "encode_patches", "extract_image_features", "extract_text_features"]
 
@@ -21,9 +20,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
