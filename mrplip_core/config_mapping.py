@@ -22,6 +22,8 @@ def from_mapping(cls: type[T], values: Mapping[str, Any] | None, section: str) -
     names ``section``. Lists become tuples where the field is annotated as a tuple (YAML has
     no tuples).
     """
+    if values is not None and not isinstance(values, Mapping):
+        raise ValueError(f"{section}: expected a mapping of keys to values, got {type(values).__name__} {values!r}")
     values = dict(values or {})
     names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - names)

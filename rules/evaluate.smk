@@ -29,7 +29,9 @@ rule eval_tile_features:
     wildcard_constraints:
         dataset=alternatives(list(EVAL_PLAN.datasets), "no-datasets"),
     params:
-        trigger=lambda wc: EVAL_PLAN.dataset_trigger(wc.dataset),
+        trigger=lambda wc: EVAL_PLAN.tile_features_trigger(wc.dataset),
+        # the encoder weights (path, size, mtime), as for the slide features (rules/features.smk)
+        weights=FEATURES_TRIGGER,
         version=mrplip_core.__version__,
     log:
         "logs/eval/features/{encoder}/{dataset}.log",
@@ -112,6 +114,7 @@ rule html_report:
     params:
         report=EVAL.digest("report"),
         runs=",".join(EVAL_PLAN.runs),
+        baselines=",".join(EVAL_PLAN.baselines),
         version=mrplip_core.__version__,
     log:
         "logs/report.log",
@@ -120,7 +123,7 @@ rule html_report:
         mem_mb=4000,
         runtime=30,
     shell:
-        "{EVAL_CLI} report --results results --out results/report --runs {params.runs:q}"
+        "{EVAL_CLI} report --results results --out results/report --runs {params.runs:q} --baselines {params.baselines:q}"
         " --settings {EVAL_SETTINGS_ARG} > {log} 2>&1"
 
 

@@ -36,6 +36,7 @@ def test_no_ablations_is_the_main_run_alone():
     ({"x": {"run": "y"}}, r"ablations\.x: 'run' cannot be changed"),
     ({"bad name": {}}, r"ablations\.bad name: a run name"),
     ({"x": [1, 2]}, r"ablations\.x: expected a mapping"),
+    ({"x": {"resources": {"mem_mb": 1}}}, r"ablations\.x: 'resources' cannot be changed"),
 ])
 def test_a_bad_ablation_is_an_error_naming_it(ablations, message):
     with pytest.raises(ValueError, match=message):

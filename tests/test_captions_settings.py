@@ -59,6 +59,10 @@ def test_digest_tracks_what_changes_a_caption():
     for change in ({"generation": {"max_tokens": 5}}, {"prompts": {"default": "x"}}, {"model": "other"},
                    {"image": {"format": "png"}}, {"image": {"jpeg_quality": 80}}):
         assert CaptionSettings.from_dict({**d, **change}).digest() != base.digest(), change
+    # the morphology captioner reads pixels: request and language-model settings change nothing
+    morph = CaptionSettings().digest()
+    for change in ({"generation": {"max_tokens": 5}}, {"prompts": {"default": "x"}}, {"image": {"format": "png"}}):
+        assert CaptionSettings.from_dict(change).digest() == morph, change
 
 
 def test_gpus_follow_where_the_model_runs():

@@ -161,3 +161,28 @@ def test_plan_lists_models_inputs_and_skips_absent_optional_datasets(tmp_path: P
     assert EvaluationPlan.from_config({}, pretrain_runs=["a", "b"]).runs == ["a", "b"]
     with pytest.raises(ValueError, match="reserved"):
         EvaluationPlan.from_config({"evaluation": {"runs": ["frozen-x"]}})
+
+
+def test_tiny_or_unsplit_sets_are_na_with_the_reason_not_a_crash() -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(9), 2)
+    x = rng.normal(size=(18, 4)) + y[:, None]
+    classes = [str(i) for i in range(9)]
+    held = linear_probe(x, y, classes, None, LinearProbeSettings(protocol="holdout"))
+    assert held["status"] == "n/a" and "9 classes" in held["reason"]
+    assert linear_probe(x, y, classes, None, LinearProbeSettings())["status"] == "ok"  # auto: k-fold
+    no_test = few_shot(x, y, classes, ["train"] * 18, FewShotSettings(), LinearProbeSettings())
+    assert no_test["status"] == "n/a" and "no test tiles" in no_test["reason"]
+
+
+def test_a_section_that_is_not_a_mapping_is_named() -> None:
+    with pytest.raises(ValueError, match=r"evaluation\.zero_shot: expected a mapping"):
+        EvaluationSettings.from_dict({"zero_shot": True})
+
+
+def test_report_shows_only_the_configured_models() -> None:
+    from mrplip_core.report.evaluation import model_order
+
+    metrics = [{"model": m} for m in ("frozen-old", "frozen-uni", "demo", "gone", "no-mrtva")]
+    assert model_order(metrics, ["demo", "no-mrtva"], ["uni"]) == ["frozen-uni", "demo", "no-mrtva"]
+    assert model_order(metrics) == ["frozen-old", "frozen-uni", "demo", "gone", "no-mrtva"]  # nothing configured: all

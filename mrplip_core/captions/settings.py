@@ -166,7 +166,14 @@ class CaptionSettings:
         return self.prompts.get(format_magnification(float(magnification)), self.prompts["default"])
 
     def digest(self) -> str:
-        """Hash of everything that changes a caption; part files made under another are stale."""
+        """Hash of everything that changes a caption; part files made under another are stale.
+
+        The morphology captioner reads pixels and ignores the model, prompts, generation and
+        request image settings, so for it only the backend (and the package version, via the
+        rule's params) counts.
+        """
+        if self.backend == "morphology":
+            return hashlib.sha256(b'{"backend": "morphology"}').hexdigest()[:16]
         relevant = {
             "backend": self.backend,
             "model": self.model,

@@ -127,7 +127,10 @@ def _cmd_report(a: argparse.Namespace) -> int:
     _logging()
     settings, _ = _settings(a)
     runs = a.runs.split(",") if a.runs else (list(settings.runs) if settings.runs is not None else None)
-    path = build_report(a.results, a.out, settings=settings.report, runs=runs, datasets=settings.datasets)
+    baselines = a.baselines.split(",") if a.baselines else (list(settings.baselines) if settings.baselines is not None
+                                                            else None)
+    path = build_report(a.results, a.out, settings=settings.report, runs=runs, baselines=baselines,
+                        datasets=settings.datasets)
     print(f"report -> {path} (open it in a browser: file://{path.resolve()})")
     return 0
 
@@ -172,6 +175,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--results", default="results")
     s.add_argument("--out", default="results/report")
     s.add_argument("--runs", default=None, help="comma-separated pretrain runs to show (default: evaluation.runs, else all)")
+    s.add_argument("--baselines", default=None,
+                   help="comma-separated frozen encoders to show (default: evaluation.baselines, else all on disk)")
     s.add_argument("--settings", default="", help=settings_help)
     s.set_defaults(func=_cmd_report)
 

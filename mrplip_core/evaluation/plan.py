@@ -144,11 +144,22 @@ class EvaluationPlan:
         }
 
     # -- rerun triggers -----------------------------------------------------------------------
-    def dataset_trigger(self, dataset: str) -> str:
-        """Everything that changes a tile-set result: the dataset's entry and the task settings."""
+    def tile_features_trigger(self, dataset: str) -> str:
+        """What changes a tile set's frozen features: where the tiles are, their resolution and
+        how they are embedded (device, precision). Not the probes' settings or titles: tuning
+        those must not recompute the (possibly GPU) feature pass."""
         spec = self.settings.to_dict()["datasets"][dataset]
-        return json.dumps({"dataset": spec, "tasks": self.settings.digest("zero_shot", "linear_probe", "few_shot",
-                                                                          "embedding")}, sort_keys=True)
+        emb = self.settings.embedding
+        return json.dumps({"dataset": {k: spec[k] for k in ("path", "mpp", "magnification")},
+                           "embedding": {"device": emb.device, "precision": emb.precision}}, sort_keys=True)
+
+    def dataset_trigger(self, dataset: str) -> str:
+        """What changes a tile-set result: the dataset's tiles and prompts and the task settings
+        (not its title or citation, which only the report shows)."""
+        spec = self.settings.to_dict()["datasets"][dataset]
+        return json.dumps({"dataset": {k: v for k, v in spec.items() if k not in ("title", "citation")},
+                           "tasks": self.settings.digest("zero_shot", "linear_probe", "few_shot", "embedding")},
+                          sort_keys=True)
 
 
 def alternatives(names: Sequence[str], empty: str) -> str:

@@ -8,6 +8,7 @@ pooled k-fold cross-validation, not a held-out test set.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,6 +92,12 @@ def choose_protocol(y: np.ndarray, split: Sequence[str] | None, settings: Linear
     if wanted == "holdout" or (wanted == "auto" and smallest >= settings.min_holdout_per_class):
         if smallest < 2:
             return "n/a", 0, f"a class has {smallest} tile: a held-out split needs 2 per class"
+        n, k = len(y), int((counts > 0).sum())
+        n_test = math.ceil(settings.test_fraction * n)
+        if n_test < k or n - n_test < k:
+            return "n/a", 0, (f"a stratified hold-out of {settings.test_fraction:.0%} of {n} tiles leaves {n_test} "
+                              f"test and {n - n_test} training tiles for {k} classes (each needs one of each); "
+                              "use protocol kfold or auto")
         return "holdout", 0, f"stratified hold-out of {settings.test_fraction:.0%} of each class"
     if smallest < 2:
         return "n/a", 0, (f"a class has {smallest} tile, so no split can both train and test every class "
@@ -163,6 +170,8 @@ def few_shot(x: np.ndarray, y: np.ndarray, classes: Sequence[str], split: Sequen
     s = np.asarray(split) if split is not None else None
     pool = np.flatnonzero(s == "train") if s is not None else np.arange(len(y))
     fixed_test = np.flatnonzero(s == "test") if s is not None else None
+    if fixed_test is not None and not len(fixed_test):
+        return {"status": "n/a", "reason": "the given split has no test tiles", "skipped": {}}
     per_class = [pool[y[pool] == c] for c in range(len(classes))]
     smallest = min(len(p) for p in per_class)
     need_spare = fixed_test is None  # without a test split, each class must keep a tile to test

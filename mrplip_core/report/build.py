@@ -43,11 +43,13 @@ DEFAULT_ATTRIBUTION = (
 
 
 def build_report(results: str | Path, out: str | Path, *, settings: ReportSettings | None = None,
-                 runs: Sequence[str] | None = None, datasets: Sequence[DatasetSpec] = (),
+                 runs: Sequence[str] | None = None, baselines: Sequence[str] | None = None,
+                 datasets: Sequence[DatasetSpec] = (),
                  eval_dir: str | Path | None = None, title: str = "MR-PLIP report") -> Path:
     """Write ``out/index.html`` (and ``out/img/``) from the results folder; returns the page path."""
     ctx = ReportContext(Path(results), Path(out), settings or ReportSettings(), Path(eval_dir) if eval_dir else None,
-                        list(runs) if runs is not None else None, tuple(datasets))
+                        list(runs) if runs is not None else None, tuple(datasets),
+                        list(baselines) if baselines is not None else None)
     html_sections = []
     for anchor, name, fn in SECTIONS:
         try:

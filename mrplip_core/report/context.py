@@ -24,7 +24,8 @@ class ReportContext:
     settings: ReportSettings = field(default_factory=ReportSettings)
     eval_dir: Path | None = None  # default results/eval
     runs: list[str] | None = None  # pretrain runs to show; None: every folder under results/pretrain
-    datasets: tuple[DatasetSpec, ...] = ()  # configured datasets (titles, citations)
+    datasets: tuple[DatasetSpec, ...] = ()  # configured datasets (titles, citations); others on disk are not shown
+    baselines: list[str] | None = None  # frozen encoders to show (registry names); None: every one on disk
 
     def __post_init__(self) -> None:
         self.results, self.out = Path(self.results), Path(self.out)

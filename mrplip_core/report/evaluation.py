@@ -42,11 +42,15 @@ class Footnotes:
         return f'<ol class="note" style="padding-left:28px">{lis}</ol>'
 
 
-def model_order(metrics: list[dict[str, Any]], runs: Sequence[str] | None = None) -> list[str]:
+def model_order(metrics: list[dict[str, Any]], runs: Sequence[str] | None = None,
+                baselines: Sequence[str] | None = None) -> list[str]:
     """Baselines first, then the runs in the given order (only those, when given: results of
-    runs no longer configured stay on disk but not in the page), else every other model."""
+    models no longer configured stay on disk but not in the page), else every other model."""
     models = {m["model"] for m in metrics}
-    base = sorted(m for m in models if m.startswith(BASELINE_PREFIX))
+    if baselines is not None:
+        base = [BASELINE_PREFIX + b for b in baselines if BASELINE_PREFIX + b in models]
+    else:
+        base = sorted(m for m in models if m.startswith(BASELINE_PREFIX))
     rest = [r for r in runs if r in models] if runs is not None else sorted(models - set(base))
     return base + rest
 
@@ -99,9 +103,9 @@ def evaluation(ctx: ReportContext) -> str:
         return section(anchor, title, missing(f"No results in <code>{esc(ctx.eval_dir)}</code> yet: run "
                                               "<code>snakemake evaluate</code> (needs evaluation.datasets in the config)."))
     order = {s.name: i for i, s in enumerate(ctx.datasets)}
-    tile = [m for m in metrics if m.get("dataset") != "retrieval"]
+    tile = [m for m in metrics if m.get("dataset") != "retrieval" and (not order or m.get("dataset") in order)]
     datasets = sorted({m["dataset"] for m in tile}, key=lambda d: (order.get(d, 99), d))
-    models = model_order(metrics, ctx.runs)
+    models = model_order(metrics, ctx.runs, ctx.baselines)
     by = {(m["model"], m["dataset"]): m for m in metrics}
     info = {m["model"]: m.get("embedder", {}) for m in metrics if m.get("embedder")}
     for m in models:  # a run's own folder says best what it trained (the ablation axes)

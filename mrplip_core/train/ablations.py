@@ -45,5 +45,8 @@ def expand_runs(pretrain: Mapping[str, Any], ablations: Mapping[str, Any] | None
             raise ValueError(f"{where}: expected a mapping of pretrain keys to change, got {type(changes).__name__}")
         if "run" in (changes or {}):
             raise ValueError(f"{where}: 'run' cannot be changed (the entry's name is its run name)")
+        if "resources" in (changes or {}):
+            raise ValueError(f"{where}: 'resources' cannot be changed (every run is the same job as pretrain.run; "
+                             "change pretrain.resources)")
         runs[str(name)] = merged(pretrain, {**(changes or {}), "run": str(name)})
     return runs
