@@ -36,7 +36,14 @@ def held_out_slides(run_dir: str | Path) -> list[str]:
 
 
 def captioned_slides(results: str | Path) -> list[str]:
-    return sorted(p.stem for p in (Path(results) / "captions").glob("*.parquet"))
+    """Slides with a captions file that are in the current cohort (``results/slides.parquet``,
+    when present: captions of slides since removed from the slide table are left out)."""
+    found = sorted(p.stem for p in (Path(results) / "captions").glob("*.parquet"))
+    table = Path(results) / "slides.parquet"
+    if table.exists():
+        cohort = set(pd.read_parquet(table, columns=["slide_id"])["slide_id"].astype(str))
+        found = [s for s in found if s in cohort]
+    return found
 
 
 def retrieval_pairs(results: str | Path, slide_ids: Sequence[str], settings: RetrievalSettings) -> pd.DataFrame:

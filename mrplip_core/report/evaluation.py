@@ -189,8 +189,10 @@ def _few_shot_table(models, datasets, by) -> str:
     ks = sorted({int(k) for (_, d), r in by.items() if d in datasets and r.get("status") == "ok"
                  and r.get("few_shot", {}).get("status") == "ok" for k in r["few_shot"]["shots"]})
     if not ks:
-        return "<h3>k-shot linear probes</h3>" + note("No dataset has enough tiles per class for any configured k "
-                                                       "(each class needs k training tiles plus one to test).")
+        reasons = sorted({r.get("few_shot", {}).get("reason", "") for (_, d), r in by.items()
+                          if d in datasets and r.get("status") == "ok"} - {""})
+        return "<h3>k-shot linear probes</h3>" + note("Not computed: " + ("; ".join(reasons) if reasons else
+                                                                          "no dataset result has k-shot probes") + ".")
     datasets = [d for d in datasets if any(by.get((m, d), {}).get("few_shot", {}).get("status") == "ok" for m in models)]
     cols = ["model", "seeds"] + [f"{d}: {k}-shot" for d in datasets for k in ks]
     rows = []
