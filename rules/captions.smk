@@ -32,7 +32,9 @@ if CAPTIONS.slides_per_job <= 1:
             " --settings {CAPTIONS_SETTINGS_ARG} --log-dir logs/captions > {log} 2>&1"
 
 else:
-    for _i, _ids in enumerate(shard_slides(SLIDE_IDS, CAPTIONS.slides_per_job)):
+    _SHARDS = shard_slides(SLIDE_IDS, CAPTIONS.slides_per_job)
+    apply_profile_resources("captions_shard", [f"captions_shard_{i}" for i in range(len(_SHARDS))])
+    for _i, _ids in enumerate(_SHARDS):
 
         rule:
             name:

@@ -22,6 +22,18 @@ MRPLIP = f"{shlex.quote(sys.executable)} -m mrplip_core"
 DEMO = {d["name"]: d for d in config.get("demo", [])}
 
 
+def apply_profile_resources(entry, rule_names):
+    """Give the generated rules ``rule_names`` (shards: captions_shard_0, _1, ...) the profile's
+    ``set-resources`` / ``set-threads`` entry ``entry`` (e.g. ``captions_shard``): Snakemake
+    matches those entries by exact rule name. Call before the rules are defined."""
+    settings = getattr(workflow, "resource_settings", None)
+    for table in ("_parsed_overwrite_resources", "_parsed_overwrite_threads"):
+        parsed = getattr(settings, table, None)
+        if isinstance(parsed, dict) and entry in parsed:
+            for name in rule_names:
+                parsed.setdefault(name, parsed[entry])
+
+
 wildcard_constraints:
     slide=SLIDE_ID_PATTERN,
     demo="|".join(DEMO) or "no-demo-slides",
