@@ -37,28 +37,62 @@ FEATURES_TRIGGER = json.dumps(
 )
 
 
-rule features_slide:
-    input:
-        manifest="results/tiles/{slide}.parquet",
-        record="results/slides/{slide}.json",
-    output:
-        "results/features/{encoder}/{slide}.h5",
-    wildcard_constraints:
-        encoder="|".join(list_encoders("image")),
-    params:
-        trigger=FEATURES_TRIGGER,
-        version=mrplip_core.__version__,
-    log:
-        "logs/features/{encoder}/{slide}.log",
-    threads: FEATURES["threads"]
-    resources:
-        mem_mb=FEATURES["mem_mb"],
-        runtime=FEATURES["runtime"],
-        gpu=FEATURES["gpu"],
-    shell:
-        "{MRPLIP} features --slide-id {wildcards.slide:q} --encoder {wildcards.encoder:q}"
-        " --manifest {input.manifest} --record {input.record} --settings {FEATURES_SETTINGS_ARG}"
-        " --threads {threads} --out {output} > {log} 2>&1"
+if FEATURES.get("slides_per_job", 1) <= 1:
+
+    rule features_slide:
+        input:
+            manifest="results/tiles/{slide}.parquet",
+            record="results/slides/{slide}.json",
+        output:
+            "results/features/{encoder}/{slide}.h5",
+        wildcard_constraints:
+            encoder="|".join(list_encoders("image")),
+        params:
+            trigger=FEATURES_TRIGGER,
+            version=mrplip_core.__version__,
+        log:
+            "logs/features/{encoder}/{slide}.log",
+        threads: FEATURES["threads"]
+        resources:
+            mem_mb=FEATURES["mem_mb"],
+            runtime=FEATURES["runtime"],
+            gpu=FEATURES["gpu"],
+        shell:
+            "{MRPLIP} features --slide-id {wildcards.slide:q} --encoder {wildcards.encoder:q}"
+            " --manifest {input.manifest} --record {input.record} --settings {FEATURES_SETTINGS_ARG}"
+            " --threads {threads} --out {output} > {log} 2>&1"
+
+else:
+    # One job per shard of features.slides_per_job slides: the encoder is built once per job.
+    from mrplip_core.captions.run import shard_slides
+
+    _FEATURE_SHARDS = shard_slides(SLIDE_IDS, FEATURES["slides_per_job"])
+    _SHARD_TRIGGER = shlex.quote(json.dumps({"features": FEATURES_TRIGGER, "version": mrplip_core.__version__}))
+    apply_profile_resources("features_shard", [f"features_shard_{i}" for i in range(len(_FEATURE_SHARDS))])
+    for _i, _ids in enumerate(_FEATURE_SHARDS):
+
+        rule:
+            name:
+                f"features_shard_{_i}"
+            input:
+                manifests=expand("results/tiles/{slide}.parquet", slide=_ids),
+                records=expand("results/slides/{slide}.json", slide=_ids),
+            output:
+                expand("results/features/{encoder}/{slide}.h5", encoder=FEATURES["image_encoder"], slide=_ids),
+            params:
+                slides=" ".join(shlex.quote(s) for s in _ids),
+                trigger=FEATURES_TRIGGER,
+                version=mrplip_core.__version__,
+            log:
+                f"logs/features/{FEATURES['image_encoder']}/shard_{_i}.log",
+            threads: FEATURES["threads"]
+            resources:
+                mem_mb=FEATURES["mem_mb"],
+                runtime=FEATURES["runtime"],
+                gpu=FEATURES["gpu"],
+            shell:
+                "{MRPLIP} features-shard {params.slides} --results results --trigger {_SHARD_TRIGGER}"
+                " --settings {FEATURES_SETTINGS_ARG} --threads {threads} > {log} 2>&1"
 
 
 rule text_features_slide:

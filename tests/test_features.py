@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -326,3 +327,45 @@ def test_features_stage_runs_in_snakemake(cmu, repo_root, tmp_path) -> None:
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     again = subprocess.run([*cmd, "-n"], capture_output=True, text=True, timeout=120)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_a_shard_builds_the_encoder_once_and_its_rerun_reuses_finished_slides(cmu, cmu_features, tmp_path,
+                                                                             monkeypatch) -> None:
+    """features.slides_per_job > 1: one encoder load for the shard; after a kill (Snakemake
+    deletes the shard's outputs) the rerun links finished slides back and encodes the rest."""
+    import mrplip_core.encoders.image as image_module
+    from mrplip_core.features.shard import PARTS, extract_image_shard, parts_key
+
+    results = tmp_path / "results"
+    for sid in ("A", "B"):
+        for src, sub, suffix in ((cmu.manifest, "tiles", ".parquet"), (cmu.record, "slides", ".json")):
+            (results / sub).mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, results / sub / f"{sid}{suffix}")
+    loads = []
+    real_load = image_module.load_image_encoder
+    monkeypatch.setattr(image_module, "load_image_encoder", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+
+    first = extract_image_shard(["A", "B"], results, CPU, trigger="t1", threads=1)
+    assert [s["status"] for s in first] == ["ok", "ok"] and len(loads) == 1
+    with h5py.File(cmu_features[0], "r") as f:
+        single = {g: f[g]["features"][:] for g in f if isinstance(f[g], h5py.Group) and "features" in f[g]}
+    out = results / "features" / "tiny-vit-random"
+    for sid in ("A", "B"):
+        with h5py.File(out / f"{sid}.h5", "r") as f:
+            for g, want in single.items():  # the same features as a job per slide
+                np.testing.assert_allclose(f[g]["features"][:].astype(np.float32), want.astype(np.float32), atol=2e-3)
+
+    # a killed shard: Snakemake removed both outputs; B had not finished its part
+    for sid in ("A", "B"):
+        (out / f"{sid}.h5").unlink()
+    (out / PARTS / parts_key("t1") / "B.h5").unlink()
+    rerun = extract_image_shard(["A", "B"], results, CPU, trigger="t1", threads=1)
+    assert [s["status"] for s in rerun] == ["reused", "ok"] and len(loads) == 2
+    assert (out / "A.h5").exists() and (out / "B.h5").exists()
+    # a re-tiled slide (its manifest newer than its part) is encoded again
+    os.utime(results / "tiles" / "A.parquet", ns=(time.time_ns() + 10**9,) * 2)
+    assert [s["status"] for s in extract_image_shard(["A"], results, CPU, trigger="t1")] == ["ok"]
+    assert len(loads) == 3
+    # other settings or weights (another trigger): nothing is reused
+    other = extract_image_shard(["A"], results, CPU, trigger="t2", threads=1)
+    assert [s["status"] for s in other] == ["ok"] and len(loads) == 4

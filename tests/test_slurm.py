@@ -105,16 +105,18 @@ def test_profile_plans_the_workflow(tmp_path, profile):
 
 
 def test_generated_shard_rules_get_the_profiles_gpu_entry(tmp_path):
-    """captions.slides_per_job > 1 generates rules captions_shard_0, _1, ...; Snakemake's
+    """captions/features.slides_per_job > 1 generate rules captions_shard_0, _1, ...; Snakemake's
     set-resources matches exact names, so without rules/common.smk's apply_profile_resources
     they would be sent to the default partition without a GPU."""
     wd = copy_workflow(tmp_path / "wf")
     shutil.copytree(PROFILES, wd / "profiles")
-    (wd / "shard.yaml").write_text(yaml.safe_dump({"captions": {"slides_per_job": 1000}}))
+    (wd / "shard.yaml").write_text(yaml.safe_dump({"captions": {"slides_per_job": 1000},
+                                                   "features": {"slides_per_job": 1000}}))
     proc = run([*SNAKEMAKE, "-n", "--profile", "profiles/slurm", "--configfile", "config.yaml", "shard.yaml",
-                "--", "captions"], cwd=wd)
-    jobs = re.findall(r"^rule (captions_shard_\d+):\n(?:(?!\nrule ).)*?resources: ([^\n]*)", proc.output, re.S | re.M)
-    assert jobs, proc.output[-3000:]
+                "--", "captions", "features"], cwd=wd)
+    jobs = re.findall(r"^rule ((?:captions|features)_shard_\d+):\n(?:(?!\nrule ).)*?resources: ([^\n]*)",
+                      proc.output, re.S | re.M)
+    assert sorted(name for name, _ in jobs) == ["captions_shard_0", "features_shard_0"], proc.output[-3000:]
     for name, resources in jobs:
         assert "slurm_partition=gpu" in resources and "gpu_model=h100" in resources, (name, resources)
 

@@ -41,6 +41,21 @@ def _cmd_features(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_features_shard(a: argparse.Namespace) -> int:
+    import torch
+
+    from mrplip_core.features.shard import extract_image_shard
+
+    settings = _settings(a)
+    if a.encoder:
+        settings = replace(settings, image_encoder=a.encoder)
+    torch.set_num_threads(max(1, a.threads))
+    for s in extract_image_shard(a.slides, a.results, settings, trigger=a.trigger, threads=a.threads):
+        print(f"{s['slide_id']}: {s['status']}" + (f", {s['n_patches']} patches, {s.get('images_per_s')} img/s"
+                                                  if s["status"] == "ok" else f" {s.get('error') or s.get('part', '')}"))
+    return 0
+
+
 def _cmd_text_features(a: argparse.Namespace) -> int:
     import torch
 
@@ -78,6 +93,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(or {features: ..., failures_fatal: ...})")
     s.add_argument("--threads", type=int, default=1, help="cores of this job (default DataLoader workers)")
     s.set_defaults(func=_cmd_features)
+
+    s = sub.add_parser("features-shard", help="image features of several slides, the encoder loaded once")
+    s.add_argument("slides", nargs="+", help="slide ids (results/tiles/{slide}.parquet, results/slides/{slide}.json)")
+    s.add_argument("--results", default="results")
+    s.add_argument("--encoder", default=None, help="registry name (default: features.image_encoder)")
+    s.add_argument("--trigger", required=True,
+                   help="what changes a feature (the rule's rerun trigger): finished slides of a killed run "
+                        "are reused only under the same trigger")
+    s.add_argument("--settings", default="", help="JSON of the config's features section "
+                   "(or {features: ..., failures_fatal: ...})")
+    s.add_argument("--threads", type=int, default=1, help="cores of this job (default DataLoader workers)")
+    s.set_defaults(func=_cmd_features_shard)
 
     s = sub.add_parser("text-features", help="keyword and caption features of one slide into HDF5")
     s.add_argument("--slide-id", required=True)

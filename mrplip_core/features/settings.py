@@ -27,6 +27,7 @@ class FeatureSettings:
     mem_mb: int = 16000  # memory per job (rule resources)
     runtime: int = 60  # minutes per job (rule resources)
     gpu: int = 1  # GPUs per job (rule resources; ignored by a local run)
+    slides_per_job: int = 1  # image-feature slides per job (one encoder load per job)
     read: str = "manifest"  # manifest (exact patch, then resized) | pyramid (read at input px)
     channels_last: bool = True  # channels_last input and model memory format
     compile: bool = False  # torch.compile the encoder
