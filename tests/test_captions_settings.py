@@ -59,10 +59,12 @@ def test_digest_tracks_what_changes_a_caption():
     for change in ({"generation": {"max_tokens": 5}}, {"prompts": {"default": "x"}}, {"model": "other"},
                    {"image": {"format": "png"}}, {"image": {"jpeg_quality": 80}}):
         assert CaptionSettings.from_dict({**d, **change}).digest() != base.digest(), change
-    # the morphology captioner reads pixels: request and language-model settings change nothing
+    # the morphology captioner reads pixels: request and language-model settings change nothing,
+    # the prompt (recorded in every row) does
     morph = CaptionSettings().digest()
-    for change in ({"generation": {"max_tokens": 5}}, {"prompts": {"default": "x"}}, {"image": {"format": "png"}}):
+    for change in ({"generation": {"max_tokens": 5}}, {"image": {"format": "png"}}, {"model": "m"}):
         assert CaptionSettings.from_dict(change).digest() == morph, change
+    assert CaptionSettings.from_dict({"prompts": {"default": "x"}}).digest() != morph
 
 
 def test_gpus_follow_where_the_model_runs():

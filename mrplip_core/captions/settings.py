@@ -168,12 +168,12 @@ class CaptionSettings:
     def digest(self) -> str:
         """Hash of everything that changes a caption; part files made under another are stale.
 
-        The morphology captioner reads pixels and ignores the model, prompts, generation and
-        request image settings, so for it only the backend (and the package version, via the
-        rule's params) counts.
+        The morphology captioner reads pixels and ignores the model, generation and request
+        image settings; for it only the backend and the prompts (recorded in every row) count.
         """
         if self.backend == "morphology":
-            return hashlib.sha256(b'{"backend": "morphology"}').hexdigest()[:16]
+            relevant = {"backend": self.backend, "prompts": self.prompts}
+            return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
         relevant = {
             "backend": self.backend,
             "model": self.model,
