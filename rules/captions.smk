@@ -1,7 +1,7 @@
 # Stage 2: a caption for every patch (config `captions`), then the textual bags (keywords of
 # each bag's captions). One job per slide, or per shard of `captions.slides_per_job` slides
 # (one vLLM server start per job). Jobs resume from their part files after a failure.
-from mrplip_core.captions.run import shard_slides
+from mrplip_core.wsi.table import shard_slides
 from mrplip_core.captions.settings import CaptionSettings
 
 CAPTIONS = CaptionSettings.from_dict(config["captions"])

@@ -64,7 +64,7 @@ if FEATURES.get("slides_per_job", 1) <= 1:
 
 else:
     # One job per shard of features.slides_per_job slides: the encoder is built once per job.
-    from mrplip_core.captions.run import shard_slides
+    from mrplip_core.wsi.table import shard_slides
 
     _FEATURE_SHARDS = shard_slides(SLIDE_IDS, FEATURES["slides_per_job"])
     _SHARD_TRIGGER = shlex.quote(json.dumps({"features": FEATURES_TRIGGER, "version": mrplip_core.__version__}))

@@ -152,7 +152,7 @@ def test_children_cropped_from_a_parent_read_are_bit_identical(slide_fixture, re
     in_order = PatchDataset(record["path"], "s", record["mpp"], manifest, 112)
     for i, patch in enumerate(expected):
         assert np.array_equal(in_order.encoder_input(i), resize_patch(patch, 112)), i
-    cropped = in_order._sources != np.arange(len(manifest))
+    cropped = in_order.sources != np.arange(len(manifest))
     # one level (CMU): every non-root patch is a crop of its bag root; the pyramid: 10x and 40x
     mags = manifest["magnification"].to_numpy()
     assert cropped.tolist() == (mags != 5 if slide_fixture == "cmu" else (mags == 10) | (mags == 40)).tolist()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from mrplip_core.captions.settings import CaptionSettings, ImageParams
-from mrplip_core.wsi.slide import Slide, resize_level_pixels
+from mrplip_core.wsi.shared_reads import REGION_CACHE_BYTES, SharedReader, manifest_geometry, parent_rows
+from mrplip_core.wsi.slide import Slide
 
 
 @dataclass(frozen=True)
@@ -32,56 +31,20 @@ class PatchTask:
     patch_px: int  # output px
     read_level: int
     prompt: str
-    # Level-0 box (x, y, w, h) read once and shared by the level-0 patches of this patch's
-    # bag (see SlideReader); None: the patch is read on its own.
-    shared_box: tuple[int, int, int, int] | None = None
-
-#: Largest shared box, in level-0 px (a 40x bag of 512 px patches at 0.25 um/px: 4096 x 4096).
-MAX_SHARED_PX = 4096 * 4096
+    row: int = -1  # row in the slide's tile manifest (-1: unknown, the patch is read on its own)
 
 
 def tasks_from_manifest(manifest: pd.DataFrame, settings: CaptionSettings, skip: set[str] | frozenset[str] = frozenset()) -> list[PatchTask]:
     """Tasks for the manifest's patches, in manifest order, leaving out ``skip`` patch ids."""
-    rows = [row for row in manifest.itertuples(index=False) if row.patch_id not in skip]
-    boxes = _shared_boxes(rows)
     return [
         PatchTask(
             slide_id=str(row.slide_id), patch_id=str(row.patch_id), magnification=float(row.magnification),
             mpp=float(row.mpp), x=int(row.x), y=int(row.y), size=int(row.size), patch_px=int(row.patch_px),
-            read_level=int(row.read_level), prompt=settings.prompt_for(float(row.magnification)),
-            shared_box=boxes.get(row.bag_id) if int(row.read_level) == 0 else None,
+            read_level=int(row.read_level), prompt=settings.prompt_for(float(row.magnification)), row=i,
         )
-        for row in rows
+        for i, row in enumerate(manifest.itertuples(index=False))
+        if row.patch_id not in skip
     ]
-
-
-def _shared_boxes(rows: list) -> dict[str, tuple[int, int, int, int]]:
-    """Per bag, the level-0 box around its level-0 patches, where reading it once is worth it.
-
-    A bag's patches cover the same tissue at several magnifications (a quad-tree), so the
-    patches read from level 0 overlap: a 20x patch is a quarter of a 10x one. Reading their
-    bounding box once and cropping reads each level-0 pixel once instead of once per
-    magnification. Kept only when the box has no more pixels than the patches together and
-    at most MAX_SHARED_PX.
-    """
-    ext: dict[str, list[int]] = {}
-    for row in rows:
-        if int(row.read_level) != 0:
-            continue
-        x, y, s = int(row.x), int(row.y), int(row.size)
-        e = ext.get(row.bag_id)
-        if e is None:
-            ext[row.bag_id] = [x, y, x + s, y + s, s * s, 1]
-        else:
-            e[0], e[1], e[2], e[3] = min(e[0], x), min(e[1], y), max(e[2], x + s), max(e[3], y + s)
-            e[4] += s * s
-            e[5] += 1
-    out = {}
-    for bag, (x0, y0, x1, y1, area, n) in ext.items():
-        box = (x1 - x0) * (y1 - y0)
-        if n > 1 and box <= area and box <= MAX_SHARED_PX:
-            out[bag] = (x0, y0, x1 - x0, y1 - y0)
-    return out
 
 
 class SlideReader:
@@ -90,50 +53,40 @@ class SlideReader:
     OpenSlide handles are safe to share between threads. ``slides`` maps slide id to
     ``(path, mpp)``, normally from the tiles stage's record ``results/slides/{slide}.json``.
 
-    A task with a ``shared_box`` is cropped from one read of that box (level 0), shared by
-    the threads reading the bag's other patches: the pixels are those of reading the patch
-    alone (level 0 is not resampled), then resized as :meth:`Slide.read_region` does. The
-    last ``keep_boxes`` boxes are kept (tasks come in manifest order, bag by bag).
+    After :meth:`share_reads` a slide's patches are read through a
+    :class:`~mrplip_core.wsi.shared_reads.SharedReader`: a child is cropped from its
+    ancestor's read wherever that gives the same pixels, read once by the first thread
+    that needs it (at most ``cache_bytes`` of level pixels per slide kept). Otherwise, and
+    always with ``cache_bytes=0``, each patch is read on its own.
     """
 
-    def __init__(self, slides: dict[str, tuple[str, float]], keep_boxes: int = 4) -> None:
+    def __init__(self, slides: dict[str, tuple[str, float]], cache_bytes: int = REGION_CACHE_BYTES) -> None:
         self._where = dict(slides)
         self._open: dict[str, Slide] = {}
+        self._shared: dict[str, SharedReader] = {}
         self._lock = threading.Lock()
-        self._boxes: OrderedDict[tuple, Future] = OrderedDict()
-        self.keep_boxes = keep_boxes
+        self.cache_bytes = cache_bytes
+
+    def share_reads(self, slide_id: str, manifest: pd.DataFrame, tasks: list[PatchTask]) -> None:
+        """Read ``tasks`` of ``slide_id`` (rows of its tile ``manifest``) with shared reads."""
+        if self.cache_bytes <= 0:
+            return
+        slide = self._slide(slide_id)
+        reader = SharedReader(slide, manifest_geometry(manifest), parent_rows(manifest),
+                              cache_bytes=self.cache_bytes, wanted=[t.row for t in tasks])
+        with self._lock:
+            self._shared[slide_id] = reader
 
     def read(self, task: PatchTask) -> np.ndarray:
-        """The patch as RGB uint8 ``(patch_px, patch_px, 3)``, exactly as the manifest defines it."""
-        slide = self._slide(task.slide_id)
-        if task.shared_box is None or task.read_level != 0 or self.keep_boxes < 1:
-            return slide.read_region(task.x, task.y, task.size, task.patch_px, level=task.read_level)
-        bx, by, _, _ = task.shared_box
-        box = self._box(slide, task.slide_id, task.shared_box)
-        crop = box[task.y - by : task.y - by + task.size, task.x - bx : task.x - bx + task.size]
-        if task.size == task.patch_px:
-            return crop.copy()
-        return resize_level_pixels(crop, task.patch_px, task.patch_px)  # as Slide.read_rect resizes
+        """The patch as RGB uint8 ``(patch_px, patch_px, 3)``, exactly as the manifest defines it.
 
-    def _box(self, slide: Slide, slide_id: str, box: tuple[int, int, int, int]) -> np.ndarray:
-        """The level-0 RGB pixels of ``box``: read by the first thread that needs them."""
-        key = (slide_id, box)
-        with self._lock:
-            fut = self._boxes.get(key)
-            owner = fut is None
-            if owner:
-                fut = self._boxes[key] = Future()
-                while len(self._boxes) > self.keep_boxes:
-                    self._boxes.popitem(last=False)
-        if owner:
-            try:
-                x, y, w, h = box
-                fut.set_result(slide.read_rect(x, y, w, h, w, h, level=0))
-            except BaseException as exc:
-                with self._lock:
-                    self._boxes.pop(key, None)
-                fut.set_exception(exc)
-        return fut.result()
+        May be a read-only view into a shared region: copy it before writing to it.
+        """
+        shared = self._shared.get(task.slide_id)
+        if shared is not None and task.row >= 0:
+            return shared.read(task.row)
+        slide = self._slide(task.slide_id)
+        return slide.read_region(task.x, task.y, task.size, task.patch_px, level=task.read_level)
 
     def _slide(self, slide_id: str) -> Slide:
         with self._lock:
@@ -144,12 +97,11 @@ class SlideReader:
             return slide
 
     def close(self, slide_id: str | None = None) -> None:
-        """Close one slide's handle, or all of them (and forget their shared boxes)."""
+        """Close one slide's handle, or all of them (and forget their shared regions)."""
         with self._lock:
             ids = [slide_id] if slide_id is not None else list(self._open)
-            for key in [k for k in self._boxes if slide_id is None or k[0] == slide_id]:
-                del self._boxes[key]
             for sid in ids:
+                self._shared.pop(sid, None)
                 slide = self._open.pop(sid, None)
                 if slide is not None:
                     slide.close()
@@ -194,7 +146,7 @@ def data_url(data: bytes, mime: str) -> str:
 
 def load_manifest(path: str | Path) -> pd.DataFrame:
     """A tile manifest (``results/tiles/{slide}.parquet``) with the columns captioning needs."""
-    cols = ["slide_id", "patch_id", "bag_id", "magnification", "x", "y", "size", "patch_px", "mpp", "read_level"]
+    cols = ["slide_id", "patch_id", "parent_id", "bag_id", "magnification", "x", "y", "size", "patch_px", "mpp", "read_level"]
     return pd.read_parquet(path, columns=cols)
 
 

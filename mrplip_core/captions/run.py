@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pandas as pd
+
 from mrplip_core.captions.backends import CaptionResult, Captioner, make_backend
 from mrplip_core.captions.parts import PartWriter, finalize, parts_dir, read_parts, settled_patch_ids
 from mrplip_core.captions.patches import PatchTask, SlideReader, load_manifest, tasks_from_manifest
@@ -100,6 +102,7 @@ def caption_slides(
     states: dict[str, _SlideState] = {}
     where: dict[str, tuple[str, float]] = {}
     pending: list[PatchTask] = []
+    shared: dict[str, tuple[pd.DataFrame, list[PatchTask]]] = {}  # per slide: manifest, tasks
     summary: dict = {"slides": {}, "digest": digest, "backend": settings.backend}
     finalized: list[Path] = []  # parts folders, deleted only when the whole job succeeds
 
@@ -124,6 +127,7 @@ def caption_slides(
         where[job.slide_id] = (record["path"], float(record["mpp"]))
         writer = PartWriter(folder, digest, settings.flush_rows, settings.flush_seconds)
         states[job.slide_id] = _SlideState(job, order, writer, len(todo))
+        shared[job.slide_id] = (manifest, todo)
         pending.extend(todo)
 
     if not pending:
@@ -132,6 +136,8 @@ def caption_slides(
         return summary
 
     reader = SlideReader(where)
+    for sid, (manifest, todo) in shared.items():
+        reader.share_reads(sid, manifest, todo)
     progress = Progress(len(pending), interval_s=progress_interval_s)
     backend = backend or make_backend(settings, log_dir=log_dir)
     failures: list[str] = []
@@ -194,11 +200,3 @@ def _remove_parts(folders: list[Path]) -> None:
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
 
-
-def shard_slides(slide_ids: list[str], slides_per_job: int) -> list[list[str]]:
-    """Contiguous groups of ``slides_per_job`` slides, in slide-table order.
-
-    Contiguous, so appending slides to the table changes only the last shard.
-    """
-    n = max(1, int(slides_per_job))
-    return [slide_ids[i : i + n] for i in range(0, len(slide_ids), n)]

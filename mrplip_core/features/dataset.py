@@ -11,49 +11,31 @@ fork). Two ways to read (config ``features.read``):
   decoded (a 512 px patch for a 224 px encoder is read from a level up to 4x coarser), but
   not bit-identical to resizing the 512 px patch.
 
-Shared reads (``manifest`` mode): a child patch read from the same pyramid level as one of
-its ancestors lies inside the ancestor's read (a 40x patch inside its 20x parent, both from
-level 0; on a one-level slide every patch of a bag inside the bag's root). Decoding the
-slide is most of the cost, so a worker keeps the ancestor's pixels at level resolution and
-crops the child from them instead of decoding the same tiles again. Only where the crop is
-the same pixels as a read of the child: the level's downsample is a whole number and both
-boxes start on its grid, in a format of plain tile grids (then OpenSlide copies whole
-pixels, no resampling; ``SHARED_READ_VENDORS``). The crop then
-goes through the same resize as :meth:`Slide.read_rect`, so the patch is bit-identical.
+Shared reads (``manifest`` mode): a child patch whose pixels lie inside an ancestor's read
+is cropped from it instead of decoded again (:mod:`mrplip_core.wsi.shared_reads`; each
+worker keeps its own regions, bounded by ``cache_bytes``). Patches stay bit-identical to
+``Slide.read_region``.
 
 Items are uint8 HWC tensors: the float conversion and normalisation happen on the model's device.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from mrplip_core.encoders.image import resize_patch
-from mrplip_core.wsi.slide import Slide, resize_level_pixels
-
-_GEOMETRY = ("x", "y", "size", "patch_px", "read_level")
+from mrplip_core.wsi.shared_reads import REGION_CACHE_BYTES, SharedReader, manifest_geometry, parent_rows
+from mrplip_core.wsi.slide import Slide
 
 ReadMode = Literal["manifest", "pyramid"]
 READ_MODES: tuple[str, ...] = ("manifest", "pyramid")
-
-#: Level pixels a worker keeps for shared reads. A region is dropped once its last child is
-#: read; a bag of 512 px patches down to 40x holds at most its 16 20x parents (3 MiB each).
-REGION_CACHE_BYTES = 128 * 2**20
-
-#: OpenSlide vendors whose levels are plain grids of whole-pixel tiles, so a read is a copy of
-#: level pixels (checked by tests/test_features.py on an SVS and a generic pyramidal TIFF).
-#: Other formats (some have overlapping or sub-pixel tile positions: MIRAX, Hamamatsu VMS,
-#: Ventana, Zeiss) have their patches read alone until checked the same way.
-SHARED_READ_VENDORS = frozenset({"aperio", "generic-tiff"})
 
 
 class PatchDataset(Dataset):
@@ -86,153 +68,69 @@ class PatchDataset(Dataset):
         self.slide_path = str(slide_path)
         self.slide_id = slide_id
         self.mpp = float(mpp)
-        self.geometry = manifest.loc[:, list(_GEOMETRY)].to_numpy(np.int64)
+        self.geometry = manifest_geometry(manifest)
         self.input_px = int(input_px)
         self.read_mode = read
-        self.parents = _parent_rows(manifest)
+        self.parents = parent_rows(manifest)
         self.cache_bytes = int(cache_bytes)
+        #: rows per DataLoader batch (set by :func:`patch_loader`): tells a worker which rows it reads
+        self.batch_size: int | None = None
         self._slide: Slide | None = None
+        self._reader: SharedReader | None = None
         self._pid: int | None = None
-        self._sources: np.ndarray | None = None  # per row: the row whose level read it is cropped from
-        self._waiting: np.ndarray | None = None  # per row: its dependents not yet read in this process
-        self._regions: OrderedDict[int, np.ndarray] = OrderedDict()  # row -> RGB at level resolution
 
     def __len__(self) -> int:
         return len(self.geometry)
 
-    def _open(self) -> Slide:
-        if self._slide is None or self._pid != os.getpid():  # first use in this process
+    def _open(self) -> SharedReader:
+        if self._reader is None or self._pid != os.getpid():  # first use in this process
             self._slide = Slide(self.slide_path, self.slide_id, mpp=self.mpp)
+            self._reader = SharedReader(self._slide, self.geometry, self.parents, cache_bytes=self.cache_bytes,
+                                        wanted=self._worker_rows())
             self._pid = os.getpid()
-            self._regions = OrderedDict()
-            self._sources = None
-        return self._slide
+        return self._reader
+
+    def _worker_rows(self) -> np.ndarray | None:
+        """The rows this DataLoader worker reads: batch ``k`` goes to worker ``k % num_workers``
+        (the in-order loader's round robin). Only a hint for when to drop a kept region."""
+        info = get_worker_info()
+        if info is None or not self.batch_size or info.num_workers < 2:
+            return None
+        rows = np.arange(len(self.geometry))
+        return rows[(rows // self.batch_size) % info.num_workers == info.id]
 
     def read(self, i: int) -> np.ndarray:
         """Patch ``i`` at its manifest size ``patch_px`` (RGB uint8), before the encoder resize.
 
         Bit-identical to ``Slide.read_region(x, y, size, patch_px, level=read_level)``.
         """
-        return np.ascontiguousarray(self._patch(i))
-
-    def _patch(self, i: int) -> np.ndarray:
-        """:meth:`read`, possibly a view into a kept region (no copy before the encoder resize)."""
-        x, y, size, patch_px, level = (int(v) for v in self.geometry[i])
-        slide = self._open()
-        if self.cache_bytes <= 0:
-            return slide.read_region(x, y, size, patch_px, level=level)
-        sources = self._shared_sources(slide)
-        src = int(sources[i])
-        assert self._waiting is not None
-        if src == i and self._waiting[i] == 0:  # nothing is cropped from it
-            return slide.read_region(x, y, size, patch_px, level=level)
-        d = int(slide.info.level_downsamples[level])  # whole number wherever src != i
-        lw = max(1, math.ceil(size / slide.info.level_downsamples[level]))
-        if src == i:
-            pixels = slide.read_rect(x, y, size, size, lw, lw, level=level)  # level resolution, not resized
-            self._keep(i, pixels)
-        else:
-            region = self._regions.get(src)
-            if region is None:  # its source was read by another worker (or evicted): read alone
-                return slide.read_region(x, y, size, patch_px, level=level)
-            self._regions.move_to_end(src)
-            sx, sy = (int(v) for v in self.geometry[src, :2])
-            ox, oy = (x - sx) // d, (y - sy) // d
-            pixels = region[oy : oy + lw, ox : ox + lw]
-            self._waiting[src] -= 1
-            if self._waiting[src] <= 0:
-                del self._regions[src]
-        return resize_level_pixels(pixels, patch_px, patch_px)
+        return np.array(self._open().read(i))
 
     def encoder_input(self, i: int) -> np.ndarray:
         """Patch ``i`` as the encoder sees it: RGB uint8 (input_px, input_px, 3)."""
+        reader = self._open()
         if self.read_mode == "pyramid":
             x, y, size = (int(v) for v in self.geometry[i, :3])
-            return self._open().read_region(x, y, size, self.input_px)
-        return resize_patch(self._patch(i), self.input_px)
+            return reader.slide.read_region(x, y, size, self.input_px)
+        return resize_patch(reader.read(i), self.input_px)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        return i, torch.from_numpy(np.ascontiguousarray(self.encoder_input(i)))
+        return i, torch.from_numpy(np.array(self.encoder_input(i)))
 
-    def _shared_sources(self, slide: Slide) -> np.ndarray:
-        """Per row, the row whose level read contains it (itself when none); counts dependents."""
-        if self._sources is None:
-            if slide.info.vendor in SHARED_READ_VENDORS:
-                self._sources = _shared_sources(self.geometry, self.parents, slide.info.level_downsamples)
-            else:
-                self._sources = np.arange(len(self.geometry), dtype=np.int64)
-            n = len(self._sources)
-            self._waiting = np.bincount(self._sources, minlength=n) - 1  # each row is its own source once
-            self._waiting[self._sources != np.arange(n)] = 0
-        return self._sources
-
-    def _keep(self, i: int, pixels: np.ndarray) -> None:
-        self._regions[i] = pixels
-        used = sum(r.nbytes for r in self._regions.values())
-        while used > self.cache_bytes and len(self._regions) > 1:
-            _, old = self._regions.popitem(last=False)
-            used -= old.nbytes
+    @property
+    def sources(self) -> np.ndarray:
+        """Per row, the row whose level read it is cropped from (itself: read alone or a source)."""
+        return self._open().sources
 
     def close(self) -> None:
         if self._slide is not None and self._pid == os.getpid():
             self._slide.close()
-        self._slide = None
-        self._regions = OrderedDict()
-        self._sources = None
+        self._slide, self._reader, self._pid = None, None, None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_slide"], state["_pid"] = None, None  # handles never travel to workers
-        state["_sources"], state["_waiting"], state["_regions"] = None, None, OrderedDict()
+        state["_slide"], state["_reader"], state["_pid"] = None, None, None  # handles never travel to workers
         return state
-
-
-def _parent_rows(manifest: pd.DataFrame) -> np.ndarray:
-    """Row of each row's parent patch (-1: a bag root, or no patch_id/parent_id columns)."""
-    n = len(manifest)
-    if not {"patch_id", "parent_id"} <= set(manifest.columns):
-        return np.full(n, -1, dtype=np.int64)
-    row_of = {pid: i for i, pid in enumerate(manifest["patch_id"].tolist())}
-    return np.array([row_of.get(p, -1) if isinstance(p, str) else -1 for p in manifest["parent_id"].tolist()],
-                    dtype=np.int64)
-
-
-def _shared_sources(geometry: np.ndarray, parents: np.ndarray, downsamples: tuple[float, ...]) -> np.ndarray:
-    """Per row, its farthest ancestor whose level read holds the row's exact pixels (itself if none).
-
-    A read of box ``(x, y, size)`` at a level with downsample ``d`` covers level pixels
-    ``x / d ..`` (``ceil(size / d)`` of them); a child's read is a crop of an ancestor's when
-    both are at the same level, ``d`` is a whole number, both boxes start on multiples of
-    ``d``, and the child's pixels lie inside the ancestor's.
-    """
-    n = len(geometry)
-    sources = np.full(n, -1, dtype=np.int64)
-
-    def holds(a: int, b: int) -> bool:
-        xa, ya, sa, _, la = (int(v) for v in geometry[a])
-        xb, yb, sb, _, lb = (int(v) for v in geometry[b])
-        ds = float(downsamples[la]) if 0 <= la < len(downsamples) else 0.0
-        if la != lb or ds < 1 or not ds.is_integer():
-            return False
-        d = int(ds)
-        if xa % d or ya % d or xb % d or yb % d or xb < xa or yb < ya:
-            return False
-        wa, wb = max(1, math.ceil(sa / ds)), max(1, math.ceil(sb / ds))
-        return (xb - xa) // d + wb <= wa and (yb - ya) // d + wb <= wa
-
-    def source(i: int, depth: int = 0) -> int:
-        if sources[i] < 0:
-            p = int(parents[i])
-            best = i
-            if p >= 0 and p != i and depth < 64:
-                sp = source(p, depth + 1)
-                best = sp if holds(sp, i) else (p if holds(p, i) else i)
-            sources[i] = best
-        return int(sources[i])
-
-    for i in range(n):
-        source(i)
-    return sources
 
 
 def _worker_init(_: int) -> None:
@@ -246,6 +144,7 @@ def _worker_init(_: int) -> None:
 
 def patch_loader(dataset: PatchDataset, *, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
     """In-order batches ``(indices, uint8 (B, H, W, 3))``; workers prefetch 4 batches each."""
+    dataset.batch_size = batch_size
     return DataLoader(
         dataset,
         batch_size=batch_size,
