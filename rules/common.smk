@@ -34,6 +34,14 @@ def apply_profile_resources(entry, rule_names):
                 parsed.setdefault(name, parsed[entry])
 
 
+def per_attempt(base):
+    """A rule resource that grows with the attempt, as the profiles' ``2000 * attempt``: ``base``
+    on the first try, twice that on the retry (profiles/slurm ``retries: 1``), so a job
+    killed for memory or time is resubmitted with more. For the resources that rules take
+    from the config (GPU stages), which the profiles leave alone."""
+    return lambda wildcards, attempt: base * attempt
+
+
 wildcard_constraints:
     slide=SLIDE_ID_PATTERN,
     demo="|".join(DEMO) or "no-demo-slides",

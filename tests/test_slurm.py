@@ -5,7 +5,7 @@ Fast tests (no Slurm needed):
   ignored; `--profile slurm` works after the documented symlink step;
 - profiles/slurm turned into sbatch command lines by the real executor plugin, with stub
   Slurm commands on PATH that record each sbatch call: GPU flags, multi-node geometry,
-  grouping and the doubled memory of the retry;
+  grouping and the doubled memory of the retry (also of the real workflow's encoder jobs);
 - profiles/slurm-local differs from profiles/slurm only where this machine needs it.
 
 Slow tests (`pytest -m slow`; they start the local cluster of scripts/slurm-local, which
@@ -205,12 +205,14 @@ STUB_OUTPUTS = {  # what the other Slurm commands the plugin calls answer
 }
 
 
-def sbatch_calls(tmp_path: Path, profile: Path, *extra: str) -> list[dict]:
-    """Run the stub workflow with `profile` and the real slurm executor; return one dict per
-    sbatch call: rule (from the job comment), attempt, and the parsed options."""
-    wd = tmp_path / "stubwf"
-    (wd / "workflow").mkdir(parents=True)
-    (wd / "workflow" / "Snakefile").write_text(STUB_SNAKEFILE)
+def sbatch_calls(tmp_path: Path, profile: Path, *extra: str, wd: Path | None = None) -> list[dict]:
+    """Run the stub workflow (or the workflow in ``wd``) with `profile` and the real slurm
+    executor; return one dict per sbatch call: rule (from the job comment), attempt, and the
+    parsed options."""
+    if wd is None:
+        wd = tmp_path / "stubwf"
+        (wd / "workflow").mkdir(parents=True)
+        (wd / "workflow" / "Snakefile").write_text(STUB_SNAKEFILE)
     bin_dir = tmp_path / "stub-bin"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(STUB_SBATCH.format(python=sys.executable))
@@ -318,6 +320,35 @@ def test_sbatch_retry_doubles_memory_and_time(slurm_profile_calls):
     first, retry = (one_call(slurm_profile_calls, "pretrain", a) for a in (1, 2))
     assert int(flag(retry["opts"], "--mem")) == 2 * int(flag(first["opts"], "--mem"))
     assert not [c for c in slurm_profile_calls if c["attempt"] > 2], "retries: 1 means two attempts"
+
+
+@pytest.mark.parametrize("slides_per_job", [1, 2])
+def test_sbatch_retry_doubles_memory_and_time_of_the_feature_jobs(tmp_path, slides_per_job):
+    """The encoder rules take mem_mb and runtime from config.yaml (features.mem_mb, .runtime),
+    which the profile leaves alone, so the rules themselves grow them with the attempt: the
+    real workflow, its inputs present as placeholders, submitted through the stub sbatch."""
+    wd = copy_workflow(tmp_path / "wf")
+    overlay = {"features": {"mem_mb": 3000, "runtime": 7, "slides_per_job": slides_per_job}}
+    (wd / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+    config = ["--configfile", "config.yaml", "overlay.yaml"]
+    summary = run([*SNAKEMAKE, "-n", "--summary", *config, "--", "features"], cwd=wd).stdout
+    for line in summary.splitlines()[1:]:  # the files of the target: all but the features exist
+        path = line.split("\t", 1)[0]
+        if not path.startswith(("results/features/", "results/text_features/")):
+            (wd / path).parent.mkdir(parents=True, exist_ok=True)
+            (wd / path).touch()
+            os.utime(wd / path, (1_700_000_000, 1_700_000_000))  # one mtime: nothing upstream reruns
+    calls = sbatch_calls(tmp_path, PROFILES / "slurm", *config, "--", "features", wd=wd)
+    image = "features_shard_0" if slides_per_job > 1 else "features_features_slide"
+    assert {c["rule"] for c in calls} == {image, "text_features_text_features_slide"}, calls
+    for rule in (image, "text_features_text_features_slide"):
+        first, retry = (one_call(calls, rule, a) for a in (1, 2))
+        # both slides in one Slurm job: one job's memory; a group runs its two jobs in turn
+        # (twice the runtime), a shard is one job (features.runtime is per shard)
+        runtime = 7 if rule.startswith("features_shard_") else 2 * 7
+        assert int(flag(first["opts"], "--mem")) == 3000 and int(flag(first["opts"], "-t")) == runtime, rule
+        assert int(flag(retry["opts"], "--mem")) == 2 * 3000, rule
+        assert int(flag(retry["opts"], "-t")) == 2 * runtime, rule
 
 
 # Keys in which the local test profile may differ from the cluster profile, and why.

@@ -39,14 +39,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 #: arch_kwargs whose values are dotted import paths of classes.
 _CLASS_KWARGS = ("mlp_layer", "act_layer", "norm_layer", "block_fn", "embed_layer")
 
-#: Checkpoint file names looked for in a weights folder, best first.
-_CHECKPOINT_NAMES = (
+#: Checkpoint file names of an open_clip weights folder (beside open_clip_config.json), best first.
+OPEN_CLIP_CHECKPOINT_NAMES = (
     "open_clip_model.safetensors",
     "open_clip_pytorch_model.safetensors",
-    "model.safetensors",
     "open_clip_pytorch_model.bin",
-    "pytorch_model.bin",
 )
+#: Generic checkpoint file names (a Hugging Face transformers folder), best first.
+CHECKPOINT_NAMES = ("model.safetensors", "pytorch_model.bin")
 
 
 def resolve_weights(spec: EncoderSpec, weights: str | os.PathLike[str] | None, allow_random_init: bool) -> Path | None:
@@ -153,16 +153,29 @@ def instantiate(
     return model.float().eval(), info
 
 
-def find_checkpoint(folder: Path, what: str) -> Path:
-    """The one checkpoint file in ``folder``: a known name, else the only weights file."""
-    for name in _CHECKPOINT_NAMES:
+def find_checkpoint(folder: Path, what: str, open_clip: bool | None = None) -> Path:
+    """The one checkpoint file in ``folder``: a known name, else the only weights file.
+
+    In an open_clip folder (``open_clip``; None: the folder holds an open_clip_config.json)
+    open_clip's names come first and the generic ones only when none of those exists: a
+    Hugging Face download of an open_clip model (QuiltNet) may also hold the transformers
+    format ``model.safetensors``, whose keys do not fit open_clip's CLIP. Elsewhere the
+    generic names come first.
+    """
+    if open_clip is None:
+        open_clip = (folder / "open_clip_config.json").is_file()
+    if open_clip:
+        names = OPEN_CLIP_CHECKPOINT_NAMES + CHECKPOINT_NAMES
+    else:
+        names = CHECKPOINT_NAMES + OPEN_CLIP_CHECKPOINT_NAMES
+    for name in names:
         if (folder / name).is_file():
             return folder / name
     found = sorted(p for p in folder.iterdir() if p.suffix in {".safetensors", ".bin", ".pth", ".pt"})
     if len(found) == 1:
         return found[0]
     raise WeightsError(
-        f"{what}: expected one checkpoint in {folder} (one of {', '.join(_CHECKPOINT_NAMES)}), "
+        f"{what}: expected one checkpoint in {folder} (one of {', '.join(names)}), "
         f"found {[p.name for p in found] or 'none'}"
     )
 
@@ -196,7 +209,7 @@ def open_clip_config(spec: EncoderSpec, weights: Path | None) -> tuple[dict[str,
         if "model_cfg" not in config:
             raise WeightsError(f"{what}: {config_path} has no 'model_cfg'")
         model_cfg, preprocess = dict(config["model_cfg"]), dict(config.get("preprocess_cfg", {}))
-        checkpoint = weights if weights.is_file() else find_checkpoint(folder, what)
+        checkpoint = weights if weights.is_file() else find_checkpoint(folder, what, open_clip=True)
     model_cfg = dict(model_cfg)
     model_cfg.setdefault("quick_gelu", bool(spec.arch_kwargs.get("quick_gelu", False)))
     unsupported = {"custom_text", "multimodal_cfg"} & set(model_cfg)

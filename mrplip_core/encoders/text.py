@@ -111,7 +111,7 @@ def _load_hf(spec: EncoderSpec, folder: Path) -> TextEncoder:
     if not folder.is_dir():
         raise WeightsError(f"{what}: expected a Hugging Face model folder, got {folder}")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    checkpoint = find_checkpoint(folder, what)
+    checkpoint = find_checkpoint(folder, what, open_clip=False)
     model, info = instantiate(lambda: AutoModel.from_config(config), spec, checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     max_tokens = int(spec.context_length or tokenizer.model_max_length)
