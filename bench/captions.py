@@ -74,7 +74,10 @@ def bodies_for(results: Path, ids: list[str], settings: CaptionSettings, model: 
     for sid in ids:
         rec = json.loads((results / "slides" / f"{sid}.json").read_text())
         reader = SlideReader({sid: (rec["path"], rec["mpp"])})
-        for t in tasks_from_manifest(load_manifest(results / "tiles" / f"{sid}.parquet"), settings):
+        manifest = load_manifest(results / "tiles" / f"{sid}.parquet")
+        tasks = tasks_from_manifest(manifest, settings)
+        reader.share_reads(sid, manifest, tasks)  # as the client does
+        for t in tasks:
             out[t.patch_id] = backend._prepare(reader, t)
         reader.close()
     return out, (time.process_time() - t0) / max(1, len(out))

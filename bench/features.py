@@ -12,8 +12,11 @@ Phases, each measured alone on the same patches (one slide's tile manifest):
 - transfer  pinned uint8 batch -> device (GPU only): images/s
 - model     normalise + forward on uint8 batches already on the device: images/s, the
             ceiling the whole pipeline can reach (and CPU ms per image on CPU)
-- pipeline  encode_patches end to end (loader + transfer + model): images/s and the
-            share of time the model loop waited on the loader
+- pipeline  encode_patches end to end (loader + transfer + model): images/s, the share of
+            time the model loop waited on the loader, and images/s over the model's alone
+            (pipeline_over_model: the GPU target is >= 0.8)
+- shard     --slides slides through one DataLoader (how a features job runs a shard) and
+            through one DataLoader per slide, images/s of each
 
 CPU (default; tiny-vit-random, fp32):
     .venv/bin/python bench/features.py
@@ -23,8 +26,8 @@ GPU (when there is one; UNI with random weights, bf16 autocast):
 
 The slide is a synthetic 40x pyramid written to --cache (no download); --slide takes a
 real one instead (e.g. ../shared/data/slides/CMU-1-Small-Region.svs). The manifest is the
-tiles stage's with ``selection: all``; patches are cycled up to --patches (repeats hit
-OpenSlide's tile cache, so the read numbers of a short manifest are optimistic).
+tiles stage's with ``selection: all``; patches are cycled up to --patches, each copy with
+its own ids (OpenSlide's tile cache, 32 MiB per handle, holds far less than a copy's pixels).
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ sys.path.insert(0, str(REPO))
 from mrplip_core.encoders import load_image_encoder  # noqa: E402
 from mrplip_core.encoders.image import resize_patch  # noqa: E402
 from mrplip_core.encoders.runtime import autocast, resolve_device, resolve_precision  # noqa: E402
-from mrplip_core.features.dataset import PatchDataset, patch_loader  # noqa: E402
-from mrplip_core.features.image import encode_patches  # noqa: E402
+from mrplip_core.features.dataset import PatchDataset, ShardPatches, patch_loader  # noqa: E402
+from mrplip_core.features.image import encode_patches, encode_shard  # noqa: E402
 
 
 def make_manifest(slide: Path | None, cache: Path, mpp: float | None) -> tuple[pd.DataFrame, dict]:
@@ -69,6 +72,18 @@ def make_manifest(slide: Path | None, cache: Path, mpp: float | None) -> tuple[p
     if rec["status"] != "ok" or not rec["n_patches"]:
         raise SystemExit(f"tiling {slide} gave no patches: {rec.get('error')}")
     return pd.read_parquet(outs.manifest), rec
+
+
+def cycled(manifest: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The manifest repeated up to ``n`` rows, each copy with its own patch and bag ids (so a
+    copy's children point at their own copy's parents, as in a real manifest)."""
+    copies = []
+    for c in range(-(-n // len(manifest))):
+        m = manifest.copy()
+        for col in ("patch_id", "parent_id", "bag_id"):
+            m[col] = m[col].where(m[col].isna(), m[col].astype(str) + f"~{c}")
+        copies.append(m)
+    return pd.concat(copies, ignore_index=True).head(n)
 
 
 def cpu_seconds() -> float:
@@ -100,14 +115,14 @@ def main() -> None:
     p.add_argument("--patches", type=int, default=512, help="patches per phase (manifest cycled)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--read", choices=["manifest", "pyramid"], default="manifest", help="read mode of the pipeline phase")
+    p.add_argument("--slides", type=int, default=4, help="slides of the shard phase (copies of the manifest)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = p.parse_args()
 
     if a.threads:
         torch.set_num_threads(a.threads)
     manifest, rec = make_manifest(a.slide, a.cache, a.mpp)
-    reps = -(-a.patches // len(manifest))
-    rows = pd.concat([manifest] * reps, ignore_index=True).head(a.patches)
+    rows = cycled(manifest, a.patches)
     t0 = time.perf_counter()
     enc = load_image_encoder(a.encoder, a.weights)
     t_build = time.perf_counter() - t0
@@ -145,8 +160,8 @@ def main() -> None:
     # loader alone, both read modes; its CPU cost (workers + main) is what a machine with
     # free cores pays wherever it runs
     for mode in ("manifest", "pyramid"):
-        mode_ds = PatchDataset(rec["path"], rec["slide_id"], rec["mpp"], rows, enc.input_px, mode)
-        loader = patch_loader(mode_ds, batch_size=a.batch_size, num_workers=a.workers, pin_memory=device.type == "cuda")
+        mode_ds = ShardPatches([PatchDataset(rec["path"], rec["slide_id"], rec["mpp"], rows, enc.input_px, mode)])
+        loader = patch_loader(mode_ds, num_workers=a.workers, pin_memory=device.type == "cuda")
         c0 = cpu_seconds()
         t0 = time.perf_counter()
         for _ in loader:
@@ -189,7 +204,25 @@ def main() -> None:
     res["pipeline_images_per_s"] = timings["images_per_s"]
     res["pipeline_s"] = timings["elapsed_s"]
     res["pipeline_loader_wait_share"] = round(timings["loader_wait_s"] / max(timings["elapsed_s"], 1e-9), 3)
+    res["pipeline_over_model"] = round(timings["images_per_s"] / res["model_images_per_s"], 3)
     assert feats.shape == (n, enc.dim) and np.isfinite(feats).all()
+
+    # a shard of --slides slides (copies of the manifest): one loader for all of them (how a
+    # job runs them) against one loader per slide (workers started, first chunks awaited, per slide)
+    if a.slides > 1:
+        parts = [PatchDataset(rec["path"], f"{rec['slide_id']}~{k}", rec["mpp"], cycled(manifest, len(manifest)),
+                              enc.input_px, a.read) for k in range(a.slides)]
+        kw = dict(device=device, precision=precision, batch_size=a.batch_size, num_workers=a.workers,
+                  channels_last=True, compile=a.compile)
+        t0 = time.perf_counter()
+        for part in parts:
+            encode_patches(part, enc, **kw)
+        per_slide = time.perf_counter() - t0
+        shard = encode_shard(ShardPatches(parts), enc, lambda *_: None, **kw)
+        total = len(manifest) * a.slides
+        res["shard_slides"] = a.slides
+        res["shard_one_loader_images_per_s"] = round(total / shard["elapsed_s"], 1)
+        res["shard_loader_per_slide_images_per_s"] = round(total / per_slide, 1)
 
     width = max(map(len, res))
     for key, value in res.items():

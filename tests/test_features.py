@@ -369,3 +369,101 @@ def test_a_shard_builds_the_encoder_once_and_its_rerun_reuses_finished_slides(cm
     # other settings or weights (another trigger): nothing is reused
     other = extract_image_shard(["A"], results, CPU, trigger="t2", threads=1)
     assert [s["status"] for s in other] == ["ok"] and len(loads) == 4
+
+
+def copy_slide_inputs(cmu: TilesOutputs, results: Path, sid: str) -> None:
+    for src, sub, suffix in ((cmu.manifest, "tiles", ".parquet"), (cmu.record, "slides", ".json")):
+        (results / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, results / sub / f"{sid}{suffix}")
+
+
+def test_a_shard_reads_all_slides_through_one_loader_and_records_an_unreadable_one(cmu, cmu_features, tmp_path,
+                                                                                  monkeypatch) -> None:
+    """An unreadable slide between two good ones: recorded as failed with a one-line reason, the
+    others match a job per slide; fixed, the rerun encodes it and reuses the good ones."""
+    import mrplip_core.features.image as image_module
+    from mrplip_core.features.shard import PARTS, extract_image_shard, parts_key
+
+    results = tmp_path / "results"
+    for sid in ("A", "BAD", "C"):
+        copy_slide_inputs(cmu, results, sid)
+    record = json.loads(cmu.record.read_text())
+    (results / "slides" / "BAD.json").write_text(json.dumps({**record, "path": str(tmp_path / "gone.svs")}))
+    loaders = []
+    real_loader = image_module.patch_loader
+    monkeypatch.setattr(image_module, "patch_loader", lambda *a, **k: loaders.append(a) or real_loader(*a, **k))
+    settings = replace(CPU, num_workers=2)
+
+    first = extract_image_shard(["A", "BAD", "C"], results, settings, trigger="t1", threads=2)
+    assert [s["status"] for s in first] == ["ok", "failed", "ok"] and len(loaders) == 1
+    error = first[1]["error"]
+    assert "BAD" in error and "file not found" in error and "\n" not in error and "Traceback" not in error
+    out = results / "features" / "tiny-vit-random"
+    with h5py.File(out / "BAD.h5", "r") as f:
+        assert f.attrs["status"] == "failed" and f.attrs["reason"] == error and list(f) == []
+    with h5py.File(cmu_features[0], "r") as f:
+        single = {g: f[g]["features"][:] for g in f}
+    for sid in ("A", "C"):
+        with h5py.File(out / f"{sid}.h5", "r") as f:
+            assert f.attrs["status"] == "ok" and sorted(f) == sorted(single)
+            for g, want in single.items():
+                np.testing.assert_allclose(f[g]["features"][:].astype(np.float32), want.astype(np.float32), atol=2e-3)
+
+    (results / "slides" / "BAD.json").write_text(json.dumps(record))  # the file is back
+    rerun = extract_image_shard(["A", "BAD", "C"], results, settings, trigger="t1", threads=2)
+    assert [s["status"] for s in rerun] == ["reused", "ok", "reused"]
+    # new settings: the old parts of these slides go once the new ones are made
+    extract_image_shard(["A"], results, settings, trigger="t2", threads=2)
+    assert not (out / PARTS / parts_key("t1") / "A.h5").exists() and (out / PARTS / parts_key("t1") / "C.h5").exists()
+
+
+def test_trouble_of_the_machine_is_raised_not_recorded_as_a_failed_slide(cmu, tiny, tmp_path, monkeypatch) -> None:
+    import errno
+
+    from mrplip_core.features.dataset import slide_failure
+
+    assert slide_failure(FileNotFoundError(errno.ENOENT, "gone")) and slide_failure(cv2.error("bad tile"))
+    assert not slide_failure(OSError(errno.EMFILE, "Too many open files")) and not slide_failure(KeyError("x"))
+
+    def full_disk(self, i):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PatchDataset, "encoder_input", full_disk)
+    out = tmp_path / "f.h5"
+    with pytest.raises(OSError, match="No space left"):
+        extract_image_features(SLIDE_ID, cmu.manifest, cmu.record, out, CPU, encoder=tiny)
+    assert not out.exists()
+
+
+def test_compiled_encoder_sees_only_full_batches_and_gives_the_same_features(cmu, cmu_features, tiny, tmp_path,
+                                                                            monkeypatch) -> None:
+    """compile: true pads the last batch (42 patches = 16 + 16 + 10 -> three batches of 16), so a
+    compiled graph never sees a new shape; the padding never reaches the file."""
+    import mrplip_core.features.image as image_module
+
+    shapes = []
+
+    def fake_compile(module, dynamic=None):  # torch.compile's contract here: same outputs, static shapes
+        assert dynamic is False
+        return lambda x: shapes.append(tuple(x.shape)) or module(x)
+
+    monkeypatch.setattr(image_module.torch, "compile", fake_compile)
+    out = tmp_path / "compiled.h5"
+    extract_image_features(SLIDE_ID, cmu.manifest, cmu.record, out, replace(CPU, compile=True), encoder=tiny)
+    assert shapes == [(16, 3, 112, 112)] * 3
+    with h5py.File(out, "r") as f, h5py.File(cmu_features[0], "r") as ref:
+        assert f.attrs["compile"] and f.attrs["n_patches"] == 42
+        for g in ref:
+            np.testing.assert_allclose(f[g]["features"][:].astype(np.float32), ref[g]["features"][:].astype(np.float32),
+                                       atol=2e-3)
+
+
+def test_bf16_autocast_features_stay_close_to_fp32(cmu, cmu_features, tiny, tmp_path) -> None:
+    out = tmp_path / "bf16.h5"
+    extract_image_features(SLIDE_ID, cmu.manifest, cmu.record, out, replace(CPU, precision="bf16"), encoder=tiny)
+    with h5py.File(out, "r") as f, h5py.File(cmu_features[0], "r") as ref:
+        assert f.attrs["precision"] == "bf16"
+        for g in ref:
+            got, want = f[g]["features"][:].astype(np.float32), ref[g]["features"][:].astype(np.float32)
+            cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+            assert cos.min() > 0.99 and not np.array_equal(got, want)  # bf16 did run, and changed little

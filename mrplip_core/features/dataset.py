@@ -21,21 +21,34 @@ Items are uint8 HWC tensors: the float conversion and normalisation happen on th
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Literal
 
+import cv2
 import numpy as np
+import openslide
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from mrplip_core.encoders.image import resize_patch
 from mrplip_core.wsi.shared_reads import REGION_CACHE_BYTES, SharedReader, manifest_geometry, parent_rows
-from mrplip_core.wsi.slide import Slide
+from mrplip_core.wsi.slide import Slide, SlideError
 
 ReadMode = Literal["manifest", "pyramid"]
 READ_MODES: tuple[str, ...] = ("manifest", "pyramid")
+
+#: Rows a DataLoader worker reads per task: whole bags, merged up to this many rows.
+WORKER_ROWS = 96
+
+#: errno values of an OSError that say nothing about the slide (the machine or the file
+#: system is in trouble): the job fails and is retried instead of recording a failed slide.
+TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("EIO", "ENOSPC", "EDQUOT", "EMFILE", "ENFILE", "ENOMEM", "ESTALE", "EAGAIN",
+                                      "EINTR", "ETIMEDOUT", "ENOLCK", "ECONNRESET") if hasattr(errno, name)
+)
 
 
 class PatchDataset(Dataset):
@@ -73,8 +86,9 @@ class PatchDataset(Dataset):
         self.read_mode = read
         self.parents = parent_rows(manifest)
         self.cache_bytes = int(cache_bytes)
-        #: rows per DataLoader batch (set by :func:`patch_loader`): tells a worker which rows it reads
-        self.batch_size: int | None = None
+        #: first row of each bag (consecutive rows with one bag_id): a worker reads whole bags
+        self.bag_starts = _run_starts(manifest["bag_id"].to_numpy() if "bag_id" in manifest.columns else None,
+                                      len(self.geometry))
         self._slide: Slide | None = None
         self._reader: SharedReader | None = None
         self._pid: int | None = None
@@ -85,19 +99,9 @@ class PatchDataset(Dataset):
     def _open(self) -> SharedReader:
         if self._reader is None or self._pid != os.getpid():  # first use in this process
             self._slide = Slide(self.slide_path, self.slide_id, mpp=self.mpp)
-            self._reader = SharedReader(self._slide, self.geometry, self.parents, cache_bytes=self.cache_bytes,
-                                        wanted=self._worker_rows())
+            self._reader = SharedReader(self._slide, self.geometry, self.parents, cache_bytes=self.cache_bytes)
             self._pid = os.getpid()
         return self._reader
-
-    def _worker_rows(self) -> np.ndarray | None:
-        """The rows this DataLoader worker reads: batch ``k`` goes to worker ``k % num_workers``
-        (the in-order loader's round robin). Only a hint for when to drop a kept region."""
-        info = get_worker_info()
-        if info is None or not self.batch_size or info.num_workers < 2:
-            return None
-        rows = np.arange(len(self.geometry))
-        return rows[(rows // self.batch_size) % info.num_workers == info.id]
 
     def read(self, i: int) -> np.ndarray:
         """Patch ``i`` at its manifest size ``patch_px`` (RGB uint8), before the encoder resize.
@@ -117,6 +121,21 @@ class PatchDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
         return i, torch.from_numpy(np.array(self.encoder_input(i)))
 
+    def chunks(self, rows: int) -> list[tuple[int, int]]:
+        """``(start, stop)`` row ranges of whole bags, consecutive bags merged up to ``rows`` rows.
+
+        A bag is never split (a bag larger than ``rows`` is a chunk alone), so every read a
+        bag's patches share happens in the one worker that reads the chunk.
+        """
+        starts = self.bag_starts.tolist() + [len(self)]
+        out: list[tuple[int, int]] = []
+        a = starts[0] if starts else 0
+        for b, c in zip(starts[1:], starts[2:] + [None]):
+            if c is None or c - a > rows:  # the next bag would not fit
+                out.append((a, b))
+                a = b
+        return [(a, b) for a, b in out if b > a]
+
     @property
     def sources(self) -> np.ndarray:
         """Per row, the row whose level read it is cropped from (itself: read alone or a source)."""
@@ -133,6 +152,98 @@ class PatchDataset(Dataset):
         return state
 
 
+def _run_starts(bag_ids: np.ndarray | None, n: int, chunk: int = WORKER_ROWS) -> np.ndarray:
+    """Row where each run of equal bag ids starts (no bag ids: every ``chunk`` rows)."""
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if bag_ids is None:
+        return np.arange(0, n, chunk, dtype=np.int64)
+    return np.flatnonzero(np.concatenate([[True], bag_ids[1:] != bag_ids[:-1]])).astype(np.int64)
+
+
+class ShardPatches(Dataset):
+    """The patches of several slides as one dataset: item ``g`` = ``(g, uint8 image, error)``.
+
+    Row ``g`` is row ``g - offsets[k]`` of slide ``k``. One DataLoader runs over a whole shard,
+    so its workers never stop at a slide boundary (a loader per slide would start its
+    workers and wait for their first batches once per slide).
+
+    With ``catch`` a slide that cannot be read (:func:`slide_failure`) gives zero images and
+    the error, which names the slide; its other rows in that worker are not read again. Any
+    other exception is raised. A worker closes a slide when it moves on to a later one (its
+    chunks come in order).
+    """
+
+    def __init__(self, slides: list[PatchDataset], *, catch: bool = True) -> None:
+        self.slides = list(slides)
+        self.offsets = np.cumsum([0] + [len(s) for s in self.slides]).astype(np.int64)
+        self.catch = catch
+        self._failed: dict[int, str] = {}
+        self._current = -1
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def slide_of(self, g: int) -> int:
+        """Index of the slide row ``g`` belongs to."""
+        return int(np.searchsorted(self.offsets, g, side="right") - 1)
+
+    def __getitem__(self, g: int) -> tuple[int, torch.Tensor, str]:
+        k = self.slide_of(g)
+        if k != self._current:
+            if 0 <= self._current < k:
+                self.slides[self._current].close()
+            self._current = k
+        ds = self.slides[k]
+        error = self._failed.get(k)
+        if error is None:
+            try:
+                return g, torch.from_numpy(np.array(ds.encoder_input(g - int(self.offsets[k])))), ""
+            except Exception as exc:
+                if not (self.catch and slide_failure(exc)):
+                    raise
+                error = self._failed[k] = failure_message(ds.slide_id, exc)
+                ds.close()
+        return g, torch.zeros((ds.input_px, ds.input_px, 3), dtype=torch.uint8), error
+
+    def chunks(self, rows: int = WORKER_ROWS) -> list[list[int]]:
+        """Indices of each worker task: whole bags of one slide (:meth:`PatchDataset.chunks`)."""
+        return [list(range(o + a, o + b)) for ds, o in zip(self.slides, self.offsets.tolist())
+                for a, b in ds.chunks(rows)]
+
+    def close(self) -> None:
+        for ds in self.slides:
+            ds.close()
+        self._current = -1
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_failed"], state["_current"] = {}, -1
+        return state
+
+
+def slide_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while reading a slide's patches, means the slide cannot be used.
+
+    Such a slide is recorded as failed and skipped. An OSError whose errno says the machine
+    or file system is in trouble (``TRANSIENT_ERRNOS``) is not: the job fails and is retried.
+    """
+    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+        return False
+    return isinstance(exc, (SlideError, openslide.OpenSlideError, OSError, cv2.error))
+
+
+def failure_message(slide_id: str, exc: BaseException) -> str:
+    """One line naming the slide and the error."""
+    text = str(exc).strip() or type(exc).__name__
+    return text if slide_id in text else f"slide {slide_id!r}: {type(exc).__name__}: {text}"
+
+
+def _collate(items: list[tuple[int, torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    return (torch.tensor([i for i, _, _ in items], dtype=torch.int64), torch.stack([x for _, x, _ in items]),
+            [e for _, _, e in items])
+
+
 def _worker_init(_: int) -> None:
     """One torch thread per worker: parallelism comes from the worker count.
 
@@ -142,17 +253,16 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def patch_loader(dataset: PatchDataset, *, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
-    """In-order batches ``(indices, uint8 (B, H, W, 3))``; workers prefetch 4 batches each."""
-    dataset.batch_size = batch_size
+def patch_loader(dataset: ShardPatches, *, num_workers: int, pin_memory: bool, rows: int = WORKER_ROWS) -> DataLoader:
+    """In-order chunks ``(indices, uint8 (B, H, W, 3), errors)`` of whole bags (about ``rows``
+    rows each; the encoder loop regroups them into model batches); 4 chunks prefetched per worker."""
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=False,
+        batch_sampler=dataset.chunks(rows),
         num_workers=num_workers,
         pin_memory=pin_memory,
+        collate_fn=_collate,
         worker_init_fn=_worker_init if num_workers else None,
         prefetch_factor=4 if num_workers else None,
         persistent_workers=False,
-        drop_last=False,
     )

@@ -1,4 +1,4 @@
-"""Image features of several slides in one job: the encoder is built once.
+"""Image features of several slides in one job: the encoder is built once, one DataLoader reads them all.
 
 At cohort scale the encoder load (UNI-L: 1.2 GB of weights, CUDA start) costs more than
 encoding one slide's ~1,700 patches, so a GPU job takes ``features.slides_per_job`` slides.
@@ -6,18 +6,22 @@ Each slide is written first to ``{features}/.parts/{key}/{slide}.h5`` (atomicall
 hard-linked to its output ``{features}/{slide}.h5``. When a job dies, Snakemake deletes the
 outputs of the whole shard, but not the parts: the rerun links the finished slides back and
 encodes only the rest. ``key`` is a digest of what changes a feature (the rule's rerun
-trigger), so parts made under other settings or weights are never reused, and a part older
-than its slide's tile manifest or record is encoded again.
+trigger), so parts made under other settings or weights are never reused (and are removed
+once the job has made the new ones), and a part older than its slide's tile manifest or
+record, or one that recorded a failure, is encoded again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import h5py
 
 from mrplip_core.encoders import get_spec
 from mrplip_core.features.settings import FeatureSettings
@@ -47,17 +51,34 @@ def _publish(part: Path, out: Path) -> None:
 
 def _fresh(part: Path, *inputs: Path) -> bool:
     """A part is reused only when it is newer than the slide's inputs (a re-tiled slide is
-    encoded again, as Snakemake would rerun a job per slide)."""
+    encoded again, as Snakemake would rerun a job per slide) and did not record a failure
+    (a slide that could not be read is tried again: it fails fast if it still cannot)."""
     try:
         made = part.stat().st_mtime_ns
-        return all(made >= p.stat().st_mtime_ns for p in inputs)
-    except FileNotFoundError:
+        if not all(made >= p.stat().st_mtime_ns for p in inputs):
+            return False
+        with h5py.File(part, "r") as f:
+            return f.attrs.get("status") != "failed"
+    except (FileNotFoundError, OSError):
         return False
+
+
+def _drop_stale_parts(folder: Path, key: str, slide_ids: Sequence[str]) -> None:
+    """Remove these slides' parts made under other settings (they would only hold disk space:
+    the outputs now link to the current ones)."""
+    root = folder / PARTS
+    for other in root.iterdir() if root.is_dir() else ():
+        if other.name == key or not other.is_dir():
+            continue
+        for sid in slide_ids:
+            (other / f"{sid}.h5").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            other.rmdir()  # only when empty
 
 
 def extract_image_shard(slide_ids: Sequence[str], results: str | Path, settings: FeatureSettings, *,
                         trigger: str, threads: int | None = None) -> list[dict[str, Any]]:
-    """Features of ``slide_ids`` with ``settings.image_encoder`` built once.
+    """Features of ``slide_ids`` with ``settings.image_encoder`` built once, through one DataLoader.
 
     Inputs per slide: ``results/tiles/{slide}.parquet`` and ``results/slides/{slide}.json``;
     output ``results/features/{encoder}/{slide}.h5``. Returns one summary per slide (see
@@ -65,32 +86,31 @@ def extract_image_shard(slide_ids: Sequence[str], results: str | Path, settings:
     slide whose part a previous run of the same shard had finished.
     """
     from mrplip_core.encoders.image import load_image_encoder
-    from mrplip_core.features.image import extract_image_features
+    from mrplip_core.features.image import SlideJob, extract_image_slides
 
     results = Path(results)
     name = settings.image_encoder
     folder = results / "features" / name
-    parts = folder / PARTS / parts_key(trigger)
-    summaries: list[dict[str, Any]] = []
+    key = parts_key(trigger)
+    parts = folder / PARTS / key
+    summaries: dict[str, dict[str, Any]] = {}
     todo = []
     for sid in slide_ids:
         part = parts / f"{sid}.h5"
-        if _fresh(part, results / "tiles" / f"{sid}.parquet", results / "slides" / f"{sid}.json"):
+        manifest, record = results / "tiles" / f"{sid}.parquet", results / "slides" / f"{sid}.json"
+        if _fresh(part, manifest, record):
             _publish(part, folder / f"{sid}.h5")
-            summaries.append({"slide_id": sid, "status": "reused", "part": str(part)})
+            summaries[sid] = {"slide_id": sid, "status": "reused", "part": str(part)}
             log.info("%s: finished by an earlier run of this shard (%s)", sid, part)
         else:
-            todo.append(sid)
-    if not todo:
-        return summaries
-    spec = get_spec(name)
-    encoder = load_image_encoder(spec, settings.weights_for(spec.name, spec.weights_key),
-                                 allow_random_init=settings.allow_random_init)
-    parts.mkdir(parents=True, exist_ok=True)
-    for sid in todo:
-        part = parts / f"{sid}.h5"
-        s = extract_image_features(sid, results / "tiles" / f"{sid}.parquet", results / "slides" / f"{sid}.json",
-                                   part, settings, encoder=encoder, threads=threads)
-        _publish(part, folder / f"{sid}.h5")
-        summaries.append(s)
-    return summaries
+            todo.append(SlideJob(sid, manifest, record, part))
+    if todo:
+        spec = get_spec(name)
+        encoder = load_image_encoder(spec, settings.weights_for(spec.name, spec.weights_key),
+                                     allow_random_init=settings.allow_random_init)
+        parts.mkdir(parents=True, exist_ok=True)
+        done = extract_image_slides(todo, settings, encoder=encoder, threads=threads,
+                                    on_done=lambda job, _: _publish(job.out, folder / f"{job.slide_id}.h5"))
+        summaries.update({s["slide_id"]: s for s in done})
+    _drop_stale_parts(folder, key, slide_ids)
+    return [summaries[sid] for sid in slide_ids]
