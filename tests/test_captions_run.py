@@ -222,3 +222,20 @@ def test_a_failed_shard_keeps_the_parts_of_its_finished_slides(shared_data, tmp_
     assert {p.split("_")[0] for p in again.requested} == {"B"} and len(again.requested) == 42
     assert jobs[0].out.exists() and jobs[1].out.exists()
     assert not parts_dir(jobs[0].out).exists() and not parts_dir(jobs[1].out).exists()
+
+
+def test_a_slide_that_no_longer_opens_fails_its_own_patches_not_the_shard(shared_data, tmp_path):
+    """Slides open on their first read: B's file gone fails B's patches (recorded), A is captioned."""
+    import json
+
+    results = make_tiles(shared_data, tmp_path / "r", slide_id="A")
+    make_tiles(shared_data, results, slide_id="B")
+    record = results / "slides" / "B.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "path": str(tmp_path / "gone.svs")}))
+    jobs = [SlideJob.under(results, s) for s in ("A", "B")]
+    with pytest.raises(RuntimeError, match="B: 42 of 42 patches failed"):
+        caption_slides(jobs, CaptionSettings.from_dict({"io_threads": 2}))
+    assert len(pd.read_parquet(jobs[0].out)) == 42 and not jobs[1].out.exists()
+    failed = read_parts(parts_dir(jobs[1].out), CaptionSettings.from_dict({"io_threads": 2}).digest())
+    assert len(failed) == 42 and failed["caption"].isna().all()
+    assert failed["error"].str.contains("file not found").all() and failed["error"].str.contains("'B'").all()

@@ -157,7 +157,7 @@ def test_children_cropped_from_a_parent_read_are_bit_identical(slide_fixture, re
     mags = manifest["magnification"].to_numpy()
     assert cropped.tolist() == (mags != 5 if slide_fixture == "cmu" else (mags == 10) | (mags == 40)).tolist()
     shuffled = np.random.default_rng(0).permutation(len(manifest))
-    for cache_bytes in (1, 2**30):  # evicting all but one region; keeping everything
+    for cache_bytes in (1, 2**30):  # nothing fits, every patch read alone; everything kept
         ds = PatchDataset(record["path"], "s", record["mpp"], manifest, 112, cache_bytes=cache_bytes)
         for i in shuffled:
             assert np.array_equal(ds.read(int(i)), expected[i]), i
@@ -377,44 +377,63 @@ def copy_slide_inputs(cmu: TilesOutputs, results: Path, sid: str) -> None:
         shutil.copy(src, results / sub / f"{sid}{suffix}")
 
 
-def test_a_shard_reads_all_slides_through_one_loader_and_records_an_unreadable_one(cmu, cmu_features, tmp_path,
+def test_a_shard_reads_all_slides_through_one_loader_and_records_an_unreadable_one(cmu, pyramid, tiny, tmp_path,
                                                                                   monkeypatch) -> None:
-    """An unreadable slide between two good ones: recorded as failed with a one-line reason, the
-    others match a job per slide; fixed, the rerun encodes it and reuses the good ones."""
+    """Two different slides around an unreadable one, two workers: the unreadable one is
+    recorded as failed with a one-line reason; each good slide gets its own patches' features
+    (the pyramid's 170 rows come in two bag chunks); fixed, the rerun encodes only it."""
     import mrplip_core.features.image as image_module
     from mrplip_core.features.shard import PARTS, extract_image_shard, parts_key
 
     results = tmp_path / "results"
-    for sid in ("A", "BAD", "C"):
-        copy_slide_inputs(cmu, results, sid)
+    for sid, outs in (("A", cmu), ("BAD", cmu), ("P", pyramid)):
+        copy_slide_inputs(outs, results, sid)
     record = json.loads(cmu.record.read_text())
     (results / "slides" / "BAD.json").write_text(json.dumps({**record, "path": str(tmp_path / "gone.svs")}))
     loaders = []
     real_loader = image_module.patch_loader
     monkeypatch.setattr(image_module, "patch_loader", lambda *a, **k: loaders.append(a) or real_loader(*a, **k))
-    settings = replace(CPU, num_workers=2)
+    settings = replace(CPU, num_workers=2, batch_size=48)  # batches straddle slides and chunks
 
-    first = extract_image_shard(["A", "BAD", "C"], results, settings, trigger="t1", threads=2)
+    first = extract_image_shard(["A", "BAD", "P"], results, settings, trigger="t1", threads=2)
     assert [s["status"] for s in first] == ["ok", "failed", "ok"] and len(loaders) == 1
     error = first[1]["error"]
     assert "BAD" in error and "file not found" in error and "\n" not in error and "Traceback" not in error
     out = results / "features" / "tiny-vit-random"
     with h5py.File(out / "BAD.h5", "r") as f:
         assert f.attrs["status"] == "failed" and f.attrs["reason"] == error and list(f) == []
-    with h5py.File(cmu_features[0], "r") as f:
-        single = {g: f[g]["features"][:] for g in f}
-    for sid in ("A", "C"):
+    for sid, outs in (("A", cmu), ("P", pyramid)):
+        manifest = pd.read_parquet(outs.manifest)
+        expected = reference_features(manifest, json.loads(outs.record.read_text()), tiny.module)
         with h5py.File(out / f"{sid}.h5", "r") as f:
-            assert f.attrs["status"] == "ok" and sorted(f) == sorted(single)
-            for g, want in single.items():
-                np.testing.assert_allclose(f[g]["features"][:].astype(np.float32), want.astype(np.float32), atol=2e-3)
+            assert f.attrs["status"] == "ok" and f.attrs["n_patches"] == len(manifest)
+            for g in f.values():
+                assert list(g["patch_ids"].asstr()[()]) == manifest["patch_id"].iloc[g["rows"][()]].tolist()
+                np.testing.assert_allclose(g["features"][()].astype(np.float32), expected[g["rows"][()]],
+                                           rtol=1e-2, atol=5e-3)
 
     (results / "slides" / "BAD.json").write_text(json.dumps(record))  # the file is back
-    rerun = extract_image_shard(["A", "BAD", "C"], results, settings, trigger="t1", threads=2)
+    rerun = extract_image_shard(["A", "BAD", "P"], results, settings, trigger="t1", threads=2)
     assert [s["status"] for s in rerun] == ["reused", "ok", "reused"]
     # new settings: the old parts of these slides go once the new ones are made
     extract_image_shard(["A"], results, settings, trigger="t2", threads=2)
-    assert not (out / PARTS / parts_key("t1") / "A.h5").exists() and (out / PARTS / parts_key("t1") / "C.h5").exists()
+    assert not (out / PARTS / parts_key("t1") / "A.h5").exists() and (out / PARTS / parts_key("t1") / "P.h5").exists()
+
+
+def test_workers_read_whole_bags(pyramid) -> None:
+    from mrplip_core.features.dataset import ShardPatches
+
+    manifest = pd.read_parquet(pyramid.manifest)
+    record = json.loads(pyramid.record.read_text())
+    ds = PatchDataset(record["path"], "s", record["mpp"], manifest, 112)
+    bags = manifest["bag_id"].tolist()
+    assert len(set(bags)) == 2 and len(bags) == 170
+    assert ds.chunks(96) == [(0, 85), (85, 170)]  # a bag never split, two never merged past 96
+    assert ds.chunks(200) == [(0, 170)] and ds.chunks(10) == [(0, 85), (85, 170)]
+    shard = ShardPatches([ds, ds])
+    assert shard.chunks(96) == [list(range(0, 85)), list(range(85, 170)), list(range(170, 255)),
+                                list(range(255, 340))]
+    assert shard.slide_of(169) == 0 and shard.slide_of(170) == 1
 
 
 def test_trouble_of_the_machine_is_raised_not_recorded_as_a_failed_slide(cmu, tiny, tmp_path, monkeypatch) -> None:
@@ -422,8 +441,14 @@ def test_trouble_of_the_machine_is_raised_not_recorded_as_a_failed_slide(cmu, ti
 
     from mrplip_core.features.dataset import slide_failure
 
+    import openslide
+
     assert slide_failure(FileNotFoundError(errno.ENOENT, "gone")) and slide_failure(cv2.error("bad tile"))
+    assert slide_failure(SlideError("slide 's': read failed: Not a JPEG file: starts with 0xff 0xd9"))
     assert not slide_failure(OSError(errno.EMFILE, "Too many open files")) and not slide_failure(KeyError("x"))
+    # OpenSlide's and OpenCV's errors carry no errno, only the system's words
+    assert not slide_failure(openslide.OpenSlideError(f"TIFFReadTile: {os.strerror(errno.EIO)}"))
+    assert not slide_failure(cv2.error("(-4:Insufficient memory) Failed to allocate 12582912 bytes"))
 
     def full_disk(self, i):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -445,12 +470,13 @@ def test_compiled_encoder_sees_only_full_batches_and_gives_the_same_features(cmu
 
     def fake_compile(module, dynamic=None):  # torch.compile's contract here: same outputs, static shapes
         assert dynamic is False
-        return lambda x: shapes.append(tuple(x.shape)) or module(x)
+        return lambda x: shapes.append((tuple(x.shape), x.stride())) or module(x)
 
     monkeypatch.setattr(image_module.torch, "compile", fake_compile)
     out = tmp_path / "compiled.h5"
     extract_image_features(SLIDE_ID, cmu.manifest, cmu.record, out, replace(CPU, compile=True), encoder=tiny)
-    assert shapes == [(16, 3, 112, 112)] * 3
+    channels_last = torch.empty(16, 3, 112, 112).to(memory_format=torch.channels_last).stride()
+    assert shapes == [((16, 3, 112, 112), channels_last)] * 3  # the padded batch too: no recompile
     with h5py.File(out, "r") as f, h5py.File(cmu_features[0], "r") as ref:
         assert f.attrs["compile"] and f.attrs["n_patches"] == 42
         for g in ref:

@@ -7,6 +7,8 @@ captions client's do; a format not listed (DICOM) has every patch read alone.
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -89,7 +91,50 @@ def test_a_format_not_checked_for_exact_crops_reads_every_patch_alone(shared_dat
 def test_a_tight_cache_evicts_but_never_changes_a_patch(pyramid) -> None:
     manifest, slide = pyramid
     expected = alone(slide, manifest)
-    reader = SharedReader(slide, manifest_geometry(manifest), parent_rows(manifest), cache_bytes=1)
+    roomy = SharedReader(slide, manifest_geometry(manifest), parent_rows(manifest))
+    shared = sorted(set(roomy.sources.tolist()) - set(np.flatnonzero(np.bincount(roomy.sources) == 1).tolist()))
+    largest = max(3 * int(roomy._level_px[r]) ** 2 for r in shared)
+    reader = SharedReader(slide, manifest_geometry(manifest), parent_rows(manifest), cache_bytes=largest)
+    assert reader.sources.tolist() == roomy.sources.tolist()  # every region fits alone
     for i in np.random.default_rng(2).permutation(len(manifest)):
         assert np.array_equal(reader.read(int(i)), expected[i]), i
-        assert len(reader._regions) <= 1  # only the region in use is kept
+        assert reader.kept_bytes <= largest
+    # a cache smaller than a region shares nothing that large: those rows are read alone
+    small = SharedReader(slide, manifest_geometry(manifest), parent_rows(manifest), cache_bytes=largest - 1)
+    too_big = [r for r in shared if 3 * int(roomy._level_px[r]) ** 2 > largest - 1]
+    assert too_big and not set(too_big) & set(small.sources[small.sources != np.arange(len(manifest))].tolist())
+
+
+def test_a_failed_region_read_raises_once_and_the_waiting_patches_read_alone(svs, monkeypatch) -> None:
+    """The thread that reads a region gets the error; threads waiting on it read their patch on
+    their own (nobody hangs), and the next rows read it again."""
+    manifest, slide = svs
+    expected = alone(slide, manifest)
+    reader = SharedReader(slide, manifest_geometry(manifest), parent_rows(manifest))
+    root = int(reader.sources[1])
+    original = Slide.read_rect
+    gate = threading.Event()
+    fails = {"n": 0}
+
+    def flaky(self, x, y, w, h, ow, oh, level=None):
+        if (w, ow) == (int(manifest["size"].iloc[root]), int(reader._level_px[root])) and fails["n"] == 0:
+            fails["n"] += 1
+            gate.wait(5)  # the others are waiting on this region by now
+            raise OSError("simulated read failure")
+        return original(self, x, y, w, h, ow, oh, level=level)
+
+    monkeypatch.setattr(Slide, "read_rect", flaky)
+    rows = [i for i in range(len(manifest)) if reader.sources[i] == root][:6]
+    with ThreadPoolExecutor(len(rows)) as pool:
+        futures = [pool.submit(reader.read, i) for i in rows]
+        time.sleep(0.5)
+        gate.set()
+        results = [(f.exception(timeout=30), f) for f in futures]
+    failed = [r for r, (e, _) in zip(rows, results) if e is not None]
+    assert len(failed) == 1 and fails["n"] == 1
+    for r, (e, f) in zip(rows, results):
+        if e is None:
+            assert np.array_equal(f.result(), expected[r]), r
+    rest = [i for i in range(len(manifest)) if reader.sources[i] == root and i not in rows]
+    for i in rest:  # the region is read again for the rows still to come
+        assert np.array_equal(reader.read(i), expected[i]), i

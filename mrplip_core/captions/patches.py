@@ -64,44 +64,54 @@ class SlideReader:
         self._where = dict(slides)
         self._open: dict[str, Slide] = {}
         self._shared: dict[str, SharedReader] = {}
+        self._plans: dict[str, tuple[np.ndarray, np.ndarray, list[int]]] = {}  # slide: not opened yet
         self._lock = threading.Lock()
         self.cache_bytes = cache_bytes
 
     def share_reads(self, slide_id: str, manifest: pd.DataFrame, tasks: list[PatchTask]) -> None:
-        """Read ``tasks`` of ``slide_id`` (rows of its tile ``manifest``) with shared reads."""
-        if self.cache_bytes <= 0:
-            return
-        slide = self._slide(slide_id)
-        reader = SharedReader(slide, manifest_geometry(manifest), parent_rows(manifest),
-                              cache_bytes=self.cache_bytes, wanted=[t.row for t in tasks])
-        with self._lock:
-            self._shared[slide_id] = reader
+        """Read ``tasks`` of ``slide_id`` (rows of its tile ``manifest``) with shared reads.
+
+        Nothing is opened here: the slide opens on its first read, so a slide that cannot be
+        opened fails its own patches (recorded per patch), not the job.
+        """
+        if self.cache_bytes > 0:
+            with self._lock:
+                self._plans[slide_id] = (manifest_geometry(manifest), parent_rows(manifest), [t.row for t in tasks])
 
     def read(self, task: PatchTask) -> np.ndarray:
         """The patch as RGB uint8 ``(patch_px, patch_px, 3)``, exactly as the manifest defines it.
 
         May be a read-only view into a shared region: copy it before writing to it.
         """
+        slide = self._slide(task.slide_id)
         shared = self._shared.get(task.slide_id)
         if shared is not None and task.row >= 0:
             return shared.read(task.row)
-        slide = self._slide(task.slide_id)
         return slide.read_region(task.x, task.y, task.size, task.patch_px, level=task.read_level)
 
     def _slide(self, slide_id: str) -> Slide:
+        """The open slide (opened on first use, with its shared reader if planned)."""
         with self._lock:
             slide = self._open.get(slide_id)
             if slide is None:
                 path, mpp = self._where[slide_id]
                 slide = self._open[slide_id] = Slide(path, slide_id, mpp=mpp)
+                plan = self._plans.pop(slide_id, None)
+                if plan is not None:
+                    geometry, parents, rows = plan
+                    self._shared[slide_id] = SharedReader(slide, geometry, parents, cache_bytes=self.cache_bytes,
+                                                          wanted=rows)
             return slide
 
     def close(self, slide_id: str | None = None) -> None:
         """Close one slide's handle, or all of them (and forget their shared regions)."""
         with self._lock:
             ids = [slide_id] if slide_id is not None else list(self._open)
+            if slide_id is None:
+                self._plans.clear()
             for sid in ids:
                 self._shared.pop(sid, None)
+                self._plans.pop(sid, None)
                 slide = self._open.pop(sid, None)
                 if slide is not None:
                     slide.close()

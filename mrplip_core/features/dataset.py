@@ -49,6 +49,8 @@ TRANSIENT_ERRNOS = frozenset(
     getattr(errno, name) for name in ("EIO", "ENOSPC", "EDQUOT", "EMFILE", "ENFILE", "ENOMEM", "ESTALE", "EAGAIN",
                                       "EINTR", "ETIMEDOUT", "ENOLCK", "ECONNRESET") if hasattr(errno, name)
 )
+#: The same in an error's text (``os.strerror``), and OpenCV's failed allocation.
+TRANSIENT_WORDS = tuple(os.strerror(e) for e in sorted(TRANSIENT_ERRNOS)) + ("Insufficient memory",)
 
 
 class PatchDataset(Dataset):
@@ -225,10 +227,14 @@ class ShardPatches(Dataset):
 def slide_failure(exc: BaseException) -> bool:
     """Whether ``exc``, raised while reading a slide's patches, means the slide cannot be used.
 
-    Such a slide is recorded as failed and skipped. An OSError whose errno says the machine
-    or file system is in trouble (``TRANSIENT_ERRNOS``) is not: the job fails and is retried.
+    Such a slide is recorded as failed and skipped. An error that says the machine or file
+    system is in trouble is not (an OSError with an errno in ``TRANSIENT_ERRNOS``, or an
+    OpenSlide/OpenCV message with those words): the job fails and is retried.
     """
     if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+        return False
+    text = str(exc)  # OpenSlide and OpenCV carry no errno, only the system's words for it
+    if any(words in text for words in TRANSIENT_WORDS):
         return False
     return isinstance(exc, (SlideError, openslide.OpenSlideError, OSError, cv2.error))
 

@@ -62,9 +62,10 @@ def encode_shard(
     crosses to the device as uint8 at once (pinned memory, non-blocking) and the chunks are
     regrouped there into model batches of exactly ``batch_size`` (the last one padded with
     ``compile``, so nothing recompiles), normalised and run under autocast (``precision``).
-    Features stay on the device until a slide is complete; then
-    ``on_slide(k, features (n_k, D) float16 | None, error | None, timings)`` is called, in
-    slide order, with the slide's error if a worker could not read it.
+    Features stay on the device until a slide is complete (only the batches of slides not
+    yet written are kept); then ``on_slide(k, features (n_k, D) float16 | None, error | None,
+    timings)`` is called, in slide order, with the slide's error if a worker could not read
+    it or (with ``dataset.catch``) its features were not finite.
     Timings: ``elapsed_s`` (since the previous slide), ``loader_wait_s`` (time blocked on
     the loader in that span; near zero when the loader keeps up), ``images_per_s``.
     Returns the same for the whole shard.
@@ -75,26 +76,34 @@ def encode_shard(
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
     run = torch.compile(module, dynamic=False) if compile else module
-    out = torch.empty((n, encoder.dim), dtype=torch.float16, device=device)
-    nonfinite = torch.zeros(n, dtype=torch.bool, device=device)  # model outputs before the float16 cast
+    # model outputs of batches whose slides are not all written yet: (first row, float16
+    # features, rows whose output was not finite before the cast); dropped once written
+    outputs: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     errors: dict[int, str] = {}
-    state = {"done": 0, "slide": 0, "t": time.perf_counter(), "wait": 0.0, "rows": 0}
+    state = {"done": 0, "slide": 0, "t": time.perf_counter(), "wait": 0.0}
     t0 = time.perf_counter()
     total_wait = 0.0
 
     def forward(x: torch.Tensor) -> None:
         b, done = len(x), state["done"]
-        x = encoder.normalize(x, channels_last=channels_last)
-        if compile and b < batch_size:
+        if compile and b < batch_size:  # pad the uint8 batch: same shape and strides as every other
             x = torch.cat([x, x.new_zeros((batch_size - b, *x.shape[1:]))])
+        x = encoder.normalize(x, channels_last=channels_last)
         with autocast(device, precision):  # type: ignore[arg-type]
             y = run(x)[:b].float()
-        nonfinite[done : done + b] = ~torch.isfinite(y).all(dim=1)
-        out[done : done + b] = y.to(torch.float16)
+        outputs.append((done, y.to(torch.float16), ~torch.isfinite(y).all(dim=1)))
         state["done"] = done + b
         while state["slide"] < len(offsets) - 1 and offsets[state["slide"] + 1] <= state["done"]:
             finish(state["slide"])
             state["slide"] += 1
+
+    def rows(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features and non-finite flags of rows a..b (on the host); drops what ends before b."""
+        parts = [(max(a, s) - s, min(b, s + len(f)) - s, f, bad) for s, f, bad in outputs if s < b and s + len(f) > a]
+        feats = torch.cat([f[i:j] for i, j, f, _ in parts]).cpu().numpy()
+        bad = torch.cat([bad[i:j] for i, j, _, bad in parts]).cpu().numpy()
+        outputs[:] = [o for o in outputs if o[0] + len(o[1]) > b]
+        return feats, bad
 
     def finish(k: int) -> None:
         a, b = offsets[k], offsets[k + 1]
@@ -103,44 +112,53 @@ def encode_shard(
         timings = {"elapsed_s": round(elapsed, 3), "loader_wait_s": round(state["wait"], 3),
                    "images_per_s": round((b - a) / elapsed, 1) if elapsed > 0 else 0.0}
         state["t"], state["wait"] = now, 0.0
+        feats, nonfinite = rows(a, b) if b > a else (np.zeros((0, encoder.dim), np.float16), np.zeros(0, bool))
+        if k not in errors:
+            try:
+                _check_finite(encoder, dataset.slides[k].slide_id, nonfinite, feats)
+            except FloatingPointError as exc:
+                if not dataset.catch:
+                    raise
+                errors[k] = str(exc)  # this slide's patches; the other slides go on
         if k in errors:
             on_slide(k, None, errors[k], timings)
-            return
-        feats = out[a:b].cpu().numpy()
-        _check_finite(encoder, dataset.slides[k].slide_id, nonfinite[a:b].cpu().numpy(), feats)
-        on_slide(k, feats, None, timings)
+        else:
+            on_slide(k, feats, None, timings)
 
     loader = patch_loader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda")
     pending: list[torch.Tensor] = []  # uint8 chunks on the device, not yet through the model
     received = 0
     chunks = iter(loader)
-    with torch.inference_mode():
-        while True:
-            tw = time.perf_counter()
-            try:
-                idx, images, errs = next(chunks)
-            except StopIteration:
-                break
-            waited = time.perf_counter() - tw
-            state["wait"] += waited
-            total_wait += waited
-            m = len(idx)
-            if int(idx[0]) != received or int(idx[-1]) != received + m - 1:
-                raise RuntimeError(f"patch loader returned rows {int(idx[0])}..{int(idx[-1])}, expected {received}..")
-            for j in (j for j, e in enumerate(errs) if e):
-                errors.setdefault(dataset.slide_of(int(idx[j])), errs[j])
-            pending.append(images.to(device, non_blocking=True))
-            received += m
-            while received - state["done"] >= batch_size:
-                x = torch.cat(pending) if len(pending) > 1 else pending[0]
-                forward(x[:batch_size])
-                pending = [x[batch_size:]] if len(x) > batch_size else []
-        if pending:
-            forward(torch.cat(pending))
-    while state["slide"] < len(offsets) - 1:  # slides with no rows
-        finish(state["slide"])
-        state["slide"] += 1
-    dataset.close()
+    try:
+        with torch.inference_mode():
+            while True:
+                tw = time.perf_counter()
+                try:
+                    idx, images, errs = next(chunks)
+                except StopIteration:
+                    break
+                waited = time.perf_counter() - tw
+                state["wait"] += waited
+                total_wait += waited
+                m = len(idx)
+                if int(idx[0]) != received or int(idx[-1]) != received + m - 1:
+                    raise RuntimeError(f"patch loader returned rows {int(idx[0])}..{int(idx[-1])}, expected {received}..")
+                for j in (j for j, e in enumerate(errs) if e):
+                    errors.setdefault(dataset.slide_of(int(idx[j])), errs[j])
+                pending.append(images.to(device, non_blocking=True))
+                received += m
+                while received - state["done"] >= batch_size:
+                    x = torch.cat(pending) if len(pending) > 1 else pending[0]
+                    forward(x[:batch_size])
+                    pending = [x[batch_size:]] if len(x) > batch_size else []
+            if pending:
+                forward(torch.cat(pending))
+        while state["slide"] < len(offsets) - 1:  # slides with no rows
+            finish(state["slide"])
+            state["slide"] += 1
+    finally:
+        del chunks
+        dataset.close()
     elapsed = time.perf_counter() - t0
     return {"elapsed_s": round(elapsed, 3), "loader_wait_s": round(total_wait, 3),
             "images_per_s": round(n / elapsed, 1) if elapsed > 0 else 0.0}

@@ -59,13 +59,15 @@ def parent_rows(manifest: pd.DataFrame) -> np.ndarray:
                     dtype=np.int64)
 
 
-def shared_sources(geometry: np.ndarray, parents: np.ndarray, downsamples: tuple[float, ...]) -> np.ndarray:
+def shared_sources(geometry: np.ndarray, parents: np.ndarray, downsamples: tuple[float, ...],
+                   max_bytes: int | None = None) -> np.ndarray:
     """Per row, its farthest ancestor whose level read holds the row's exact pixels (itself if none).
 
     A read of box ``(x, y, size)`` at a level with downsample ``d`` covers level pixels
     ``x / d ..`` (``ceil(size / d)`` of them); a child's read is a crop of an ancestor's when
     both are at the same level, ``d`` is a whole number, both boxes start on multiples of
-    ``d``, and the child's pixels lie inside the ancestor's.
+    ``d``, and the child's pixels lie inside the ancestor's. With ``max_bytes`` an ancestor
+    whose read (RGB) is larger is not used (a bag's root on a one-level slide can be huge).
     """
     n = len(geometry)
     sources = np.full(n, -1, dtype=np.int64)
@@ -80,6 +82,8 @@ def shared_sources(geometry: np.ndarray, parents: np.ndarray, downsamples: tuple
         if xa % d or ya % d or xb % d or yb % d or xb < xa or yb < ya:
             return False
         wa, wb = max(1, math.ceil(sa / ds)), max(1, math.ceil(sb / ds))
+        if max_bytes is not None and 3 * wa * wa > max_bytes:
+            return False
         return (xb - xa) // d + wb <= wa and (yb - ya) // d + wb <= wa
 
     def source(i: int, depth: int = 0) -> int:
@@ -107,8 +111,8 @@ class SharedReader:
     slide: the open slide (the caller owns and closes it).
     geometry: :func:`manifest_geometry` of the slide's tile manifest.
     parents: :func:`parent_rows` of the same manifest.
-    cache_bytes: level pixels kept at most (least recently used dropped first); 0 reads
-        every patch alone.
+    cache_bytes: level pixels kept at most (least recently used dropped first); an ancestor
+        whose read alone is larger is not shared; 0 reads every patch alone.
     wanted: the rows that will be read (default: all). A region is read only when its
         wanted rows together have at least its pixels, and only while two or more of
         them are still to come; it is dropped after the last.
@@ -128,7 +132,7 @@ class SharedReader:
         n = len(self.geometry)
         self.cache_bytes = int(cache_bytes)
         if self.cache_bytes > 0 and slide.info.vendor in SHARED_READ_VENDORS:
-            self.sources = shared_sources(self.geometry, parents, slide.info.level_downsamples)
+            self.sources = shared_sources(self.geometry, parents, slide.info.level_downsamples, self.cache_bytes)
         else:
             self.sources = np.arange(n, dtype=np.int64)
         rows = np.arange(n) if wanted is None else np.fromiter(wanted, dtype=np.int64)
@@ -172,7 +176,12 @@ class SharedReader:
             return self.slide.read_region(x, y, size, patch_px, level=level)
         if owner:
             self._fill(src, fut)
-        region = fut.result()
+            region = fut.result()
+        else:
+            try:
+                region = fut.result()
+            except Exception:  # the owner's read failed (and raised there): this patch on its own
+                return self.slide.read_region(x, y, size, patch_px, level=level)
         d = int(self.slide.info.level_downsamples[level])  # a whole number wherever regions are shared
         sx, sy = (int(v) for v in self.geometry[src, :2])
         lw = int(self._level_px[i])
