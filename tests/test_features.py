@@ -493,3 +493,28 @@ def test_bf16_autocast_features_stay_close_to_fp32(cmu, cmu_features, tiny, tmp_
             got, want = f[g]["features"][:].astype(np.float32), ref[g]["features"][:].astype(np.float32)
             cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
             assert cos.min() > 0.99 and not np.array_equal(got, want)  # bf16 did run, and changed little
+
+
+def test_an_empty_file_records_the_same_input_as_a_built_encoder(shared_data, tmp_path) -> None:
+    """A slide with no patches gets the encoder's attrs without building it: for QuiltNet the
+    weights folder's preprocess_cfg decides input size and mean/std, as when it is built."""
+    import json as _json
+
+    from test_encoders import open_clip_folder
+
+    folder = tmp_path / "quiltnet"
+    folder.mkdir()
+    reference = open_clip_folder(folder)
+    config = _json.loads((folder / "open_clip_config.json").read_text())
+    config["preprocess_cfg"] = {"size": 160, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    (folder / "open_clip_config.json").write_text(_json.dumps(config))
+    save_file(reference.state_dict(), str(folder / "open_clip_model.safetensors"))
+    settings = replace(CPU, image_encoder="quiltnet", weights={"quiltnet": str(folder)}, allow_random_init=False)
+    outs = tile(shared_data / "slides" / "broken.svs", tmp_path, "broken")
+    out = tmp_path / "broken.h5"
+    assert extract_image_features("broken", outs.manifest, outs.record, out, settings)["status"] == "empty"
+    built = load_image_encoder("quiltnet", folder).attrs()
+    with h5py.File(out, "r") as f:
+        for key in ("input_px", "mean", "std", "weights", "weights_sha256", "encoder"):
+            assert np.array_equal(f.attrs[key], built[key]), key
+        assert f.attrs["input_px"] == 160

@@ -107,6 +107,18 @@ class _OpenClipImage(nn.Module):
         return self.visual(x)
 
 
+def open_clip_input(
+    spec: EncoderSpec, model_cfg: dict, preprocess: dict
+) -> tuple[int, tuple[float, float, float], tuple[float, float, float]]:
+    """``(input_px, mean, std)`` of an open_clip image tower: the weights' ``preprocess_cfg``
+    first, then the model config's image size, then the spec."""
+    size = preprocess.get("size", model_cfg["vision_cfg"].get("image_size", spec.input_px))
+    input_px = int(size[0] if isinstance(size, (list, tuple)) else size)
+    mean = tuple(float(v) for v in preprocess.get("mean", spec.mean))
+    std = tuple(float(v) for v in preprocess.get("std", spec.std))
+    return input_px, mean, std  # type: ignore[return-value]
+
+
 def load_image_encoder(
     name: str | EncoderSpec,
     weights: str | os.PathLike[str] | None = None,
@@ -136,9 +148,6 @@ def load_image_encoder(
     if spec.family == "open_clip":
         model_cfg, pre, checkpoint = open_clip_config(spec, path)
         clip, info = instantiate(open_clip_factory(model_cfg), spec, checkpoint)
-        size = pre.get("size", model_cfg["vision_cfg"].get("image_size", spec.input_px))
-        input_px = int(size[0] if isinstance(size, (list, tuple)) else size)
-        mean = tuple(float(v) for v in pre.get("mean", spec.mean))
-        std = tuple(float(v) for v in pre.get("std", spec.std))
-        return ImageEncoder(spec, _OpenClipImage(clip).eval(), info, int(model_cfg["embed_dim"]), input_px, mean, std)  # type: ignore[arg-type]
+        input_px, mean, std = open_clip_input(spec, model_cfg, pre)
+        return ImageEncoder(spec, _OpenClipImage(clip).eval(), info, int(model_cfg["embed_dim"]), input_px, mean, std)
     raise ValueError(f"encoder {spec.name!r}: family {spec.family!r} has no image builder")

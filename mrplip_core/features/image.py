@@ -30,8 +30,8 @@ import pandas as pd
 import torch
 
 from mrplip_core.encoders import get_spec
-from mrplip_core.encoders.build import find_checkpoint, resolve_weights
-from mrplip_core.encoders.image import ImageEncoder, load_image_encoder
+from mrplip_core.encoders.build import find_checkpoint, open_clip_config, resolve_weights
+from mrplip_core.encoders.image import ImageEncoder, load_image_encoder, open_clip_input
 from mrplip_core.encoders.runtime import autocast, resolve_device, resolve_precision
 from mrplip_core.encoders.spec import EncoderSpec
 from mrplip_core.encoders.weights import RANDOM_INIT, weights_sha256
@@ -367,7 +367,11 @@ def _spec_attrs_without_model(spec: EncoderSpec, settings: FeatureSettings) -> d
     else:
         checkpoint = path if path.is_file() else find_checkpoint(path, f"encoder {spec.name!r}")
         weights = {"weights": str(checkpoint), "weights_sha256": weights_sha256(checkpoint)}
-    return {**spec.attrs(), **weights, "input_px": spec.input_px, "mean": list(spec.mean), "std": list(spec.std),
+    input_px, mean, std = spec.input_px, spec.mean, spec.std
+    if spec.family == "open_clip":  # the weights' preprocess_cfg decides, as when the model is built
+        model_cfg, preprocess, _ = open_clip_config(spec, path)
+        input_px, mean, std = open_clip_input(spec, model_cfg, preprocess)
+    return {**spec.attrs(), **weights, "input_px": input_px, "mean": list(mean), "std": list(std),
             "interpolation": spec.interpolation}
 
 
