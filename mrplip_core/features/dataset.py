@@ -16,6 +16,10 @@ is cropped from it instead of decoded again (:mod:`mrplip_core.wsi.shared_reads`
 worker keeps its own regions, bounded by ``cache_bytes``). Patches stay bit-identical to
 ``Slide.read_region``.
 
+A job's slides form one :class:`ShardPatches` read by one DataLoader: each worker task is a
+chunk of whole bags of one slide (so a bag's shared reads stay in one process), and a slide
+that cannot be read yields its error instead of pixels, without stopping the others.
+
 Items are uint8 HWC tensors: the float conversion and normalisation happen on the model's device.
 """
 
