@@ -8,7 +8,7 @@ CAPTIONS = CaptionSettings.from_dict(config["captions"])
 # Full settings go on the command line; only what changes a caption is a rerun trigger
 # (params), so tuning concurrency or threads does not re-caption anything.
 CAPTIONS_SETTINGS_ARG = shlex.quote(json.dumps(config["captions"], sort_keys=True))
-CAPTIONS_RESOURCES = dict(mem_mb=CAPTIONS.mem_mb, runtime=CAPTIONS.runtime, gpu=CAPTIONS.job_gpus)
+CAPTIONS_RESOURCES = dict(mem_mb=per_attempt(CAPTIONS.mem_mb), runtime=per_attempt(CAPTIONS.runtime), gpu=CAPTIONS.job_gpus)
 
 
 if CAPTIONS.slides_per_job <= 1:

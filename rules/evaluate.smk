@@ -37,8 +37,8 @@ rule eval_tile_features:
         "logs/eval/features/{encoder}/{dataset}.log",
     threads: EVAL.threads
     resources:
-        mem_mb=EVAL.mem_mb,
-        runtime=EVAL.runtime,
+        mem_mb=per_attempt(EVAL.mem_mb),
+        runtime=per_attempt(EVAL.runtime),
         gpu=EVAL.gpu,
     shell:
         "{EVAL_CLI} eval-features --dataset {wildcards.dataset} --encoder {wildcards.encoder} --out {output}"
@@ -62,8 +62,8 @@ rule eval_dataset:
         "logs/eval/{model}/{dataset}.log",
     threads: EVAL.threads
     resources:
-        mem_mb=EVAL.mem_mb,
-        runtime=EVAL.runtime,
+        mem_mb=per_attempt(EVAL.mem_mb),
+        runtime=per_attempt(EVAL.runtime),
     shell:
         "{EVAL_CLI} evaluate --model {wildcards.model} --dataset {wildcards.dataset} --results results"
         " --out results/eval/{wildcards.model}/{wildcards.dataset} {params.features} {params.prompts}"
@@ -84,8 +84,8 @@ rule eval_retrieval:
         "logs/eval/{model}/retrieval.log",
     threads: EVAL.threads
     resources:
-        mem_mb=EVAL.mem_mb,
-        runtime=EVAL.runtime,
+        mem_mb=per_attempt(EVAL.mem_mb),
+        runtime=per_attempt(EVAL.runtime),
     shell:
         "{EVAL_CLI} evaluate-retrieval --model {wildcards.model} --results results"
         " --out results/eval/{wildcards.model}/retrieval --settings {EVAL_SETTINGS_ARG} --threads {threads} > {log} 2>&1"
@@ -100,8 +100,8 @@ rule eval_summary:
         "logs/eval/summary.log",
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=per_attempt(1000),
+        runtime=per_attempt(10),
     shell:
         "{EVAL_CLI} eval-summary --out {output} {input} > {log} 2>&1"
 
@@ -120,8 +120,8 @@ rule html_report:
         "logs/report.log",
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=per_attempt(4000),
+        runtime=per_attempt(30),
     shell:
         "{EVAL_CLI} report --results results --out results/report --runs {params.runs:q} --baselines {params.baselines:q}"
         " --settings {EVAL_SETTINGS_ARG} > {log} 2>&1"

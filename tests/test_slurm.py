@@ -322,6 +322,25 @@ def test_sbatch_retry_doubles_memory_and_time(slurm_profile_calls):
     assert not [c for c in slurm_profile_calls if c["attempt"] > 2], "retries: 1 means two attempts"
 
 
+def test_sbatch_retry_doubles_memory_and_time_of_the_captions_jobs(tmp_path):
+    """The same for the captions rule (captions.mem_mb, .runtime): its retry gets twice."""
+    wd = copy_workflow(tmp_path / "wf")
+    (wd / "overlay.yaml").write_text(yaml.safe_dump({"captions": {"mem_mb": 3000, "runtime": 7}}))
+    config = ["--configfile", "config.yaml", "overlay.yaml"]
+    summary = run([*SNAKEMAKE, "-n", "--summary", *config, "--", "captions"], cwd=wd).stdout
+    for line in summary.splitlines()[1:]:
+        path = line.split("\t", 1)[0]
+        if not path.startswith(("results/captions/", "results/keywords/")):
+            (wd / path).parent.mkdir(parents=True, exist_ok=True)
+            (wd / path).touch()
+            os.utime(wd / path, (1_700_000_000, 1_700_000_000))
+    calls = sbatch_calls(tmp_path, PROFILES / "slurm", *config, "--", "captions", wd=wd)
+    jobs = [c for c in calls if c["rule"] == "captions_slide"]  # one Slurm job per slide, each tried twice
+    assert sorted(c["attempt"] for c in jobs) == [1, 1, 2, 2], calls
+    for c in jobs:
+        assert int(flag(c["opts"], "--mem")) == 3000 * c["attempt"] and int(flag(c["opts"], "-t")) == 7 * c["attempt"]
+
+
 @pytest.mark.parametrize("slides_per_job", [1, 2])
 def test_sbatch_retry_doubles_memory_and_time_of_the_feature_jobs(tmp_path, slides_per_job):
     """The encoder rules take mem_mb and runtime from config.yaml (features.mem_mb, .runtime),
