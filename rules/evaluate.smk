@@ -14,7 +14,6 @@ EVAL_PLAN = EvaluationPlan.from_config(
     bundled_root=os.path.normpath(os.path.join(workflow.basedir, "..")),  # shipped prompt files
 )
 EVAL = EVAL_PLAN.settings
-EVAL_CLI = f"{shlex.quote(sys.executable)} -m mrplip_core.evaluation"
 # Not sorted: the report lists datasets in the order the config gives them.
 EVAL_SETTINGS_ARG = shlex.quote(
     json.dumps({"evaluation": config.get("evaluation") or {}, "features": config.get("features") or {}})
@@ -41,7 +40,7 @@ rule eval_tile_features:
         runtime=per_attempt(EVAL.runtime),
         gpu=EVAL.gpu,
     shell:
-        "{EVAL_CLI} eval-features --dataset {wildcards.dataset} --encoder {wildcards.encoder} --out {output}"
+        "{MRPLIP} eval-features --dataset {wildcards.dataset} --encoder {wildcards.encoder} --out {output}"
         " --settings {EVAL_SETTINGS_ARG} --threads {threads} > {log} 2>&1"
 
 
@@ -65,7 +64,7 @@ rule eval_dataset:
         mem_mb=per_attempt(EVAL.mem_mb),
         runtime=per_attempt(EVAL.runtime),
     shell:
-        "{EVAL_CLI} evaluate --model {wildcards.model} --dataset {wildcards.dataset} --results results"
+        "{MRPLIP} evaluate --model {wildcards.model} --dataset {wildcards.dataset} --results results"
         " --out results/eval/{wildcards.model}/{wildcards.dataset} {params.features} {params.prompts}"
         " --settings {EVAL_SETTINGS_ARG} --threads {threads} > {log} 2>&1"
 
@@ -87,7 +86,7 @@ rule eval_retrieval:
         mem_mb=per_attempt(EVAL.mem_mb),
         runtime=per_attempt(EVAL.runtime),
     shell:
-        "{EVAL_CLI} evaluate-retrieval --model {wildcards.model} --results results"
+        "{MRPLIP} evaluate-retrieval --model {wildcards.model} --results results"
         " --out results/eval/{wildcards.model}/retrieval --settings {EVAL_SETTINGS_ARG} --threads {threads} > {log} 2>&1"
 
 
@@ -103,7 +102,7 @@ rule eval_summary:
         mem_mb=per_attempt(1000),
         runtime=per_attempt(10),
     shell:
-        "{EVAL_CLI} eval-summary --out {output} {input} > {log} 2>&1"
+        "{MRPLIP} eval-summary --out {output} {input} > {log} 2>&1"
 
 
 rule html_report:
@@ -123,7 +122,7 @@ rule html_report:
         mem_mb=per_attempt(4000),
         runtime=per_attempt(30),
     shell:
-        "{EVAL_CLI} report --results results --out results/report --runs {params.runs:q} --baselines {params.baselines:q}"
+        "{MRPLIP} report --results results --out results/report --runs {params.runs:q} --baselines {params.baselines:q}"
         " --settings {EVAL_SETTINGS_ARG} > {log} 2>&1"
 
 

@@ -26,7 +26,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import balanced_accuracy_score, f1_score  # noqa: E402
 
-from mrplip_core.evaluation.cli import main  # noqa: E402
+from mrplip_core.cli import main  # noqa: E402
 from mrplip_core.evaluation.datasets import TileDataset  # noqa: E402
 from mrplip_core.evaluation.embedders import (  # noqa: E402
     FrozenImageEncoder,

@@ -35,10 +35,13 @@ def _settings(a: argparse.Namespace) -> tuple[Any, Any]:
     return EvaluationSettings.from_dict(raw), FeatureSettings()
 
 
-def _threads(n: int) -> None:
+def _start(a: argparse.Namespace) -> tuple[Any, Any]:
+    """Logging to stderr, ``--threads`` torch threads; the verb's (EvaluationSettings, FeatureSettings)."""
     import torch
 
-    torch.set_num_threads(max(1, n))
+    _logging()
+    torch.set_num_threads(max(1, a.threads))
+    return _settings(a)
 
 
 def _dataset(settings: Any, name: str) -> tuple[Any, Any, str | None]:
@@ -55,9 +58,7 @@ def _cmd_eval_features(a: argparse.Namespace) -> int:
     from mrplip_core.evaluation.embedders import FrozenImageEncoder
     from mrplip_core.evaluation.tile_features import compute_tile_features
 
-    _logging()
-    _threads(a.threads)
-    settings, features = _settings(a)
+    settings, features = _start(a)
     spec, dataset, reason = _dataset(settings, a.dataset)
     if dataset is None:
         print(f"mrplip eval-features: {reason}", file=sys.stderr)
@@ -73,9 +74,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from mrplip_core.evaluation.prompts import PromptSet
     from mrplip_core.evaluation.run import evaluate_dataset, skipped_dataset
 
-    _logging()
-    _threads(a.threads)
-    settings, features = _settings(a)
+    settings, features = _start(a)
     spec, dataset, reason = _dataset(settings, a.dataset)
     out = Path(a.out or Path(a.results) / "eval" / a.model / a.dataset)
     if dataset is None:
@@ -99,9 +98,7 @@ def _cmd_evaluate_retrieval(a: argparse.Namespace) -> int:
     from mrplip_core.evaluation.embedders import build_embedder
     from mrplip_core.evaluation.run import run_retrieval
 
-    _logging()
-    _threads(a.threads)
-    settings, features = _settings(a)
+    settings, features = _start(a)
     out = Path(a.out or Path(a.results) / "eval" / a.model / "retrieval")
     embedder = build_embedder(a.model, results=a.results, features=features, embedding=settings.embedding)
     run_dir = Path(a.results) / "pretrain" / a.model
@@ -180,10 +177,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--settings", default="", help=settings_help)
     s.set_defaults(func=_cmd_report)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m mrplip_core.evaluation``) until the verbs are wired into ``mrplip``."""
-    parser = argparse.ArgumentParser(prog="mrplip")
-    register(parser.add_subparsers(dest="verb", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
