@@ -8,6 +8,12 @@ treats a missing slide as a job without inputs (it would be recorded as failed).
     python bench/dag.py                          # 20,000 slides, plain and with the Slurm profile
     python bench/dag.py --slides 2000 --repeat 1
     python bench/dag.py --profile none           # only the plain DAG
+    python bench/dag.py --slides-per-job 1       # a job per slide in every per-slide stage
+
+The plan covers every stage of the default target (tiles, captions, keywords, image and text
+features, pretraining and its ablation, evaluation, report). ``--slides-per-job`` sets the job
+unit of the per-slide stages (``wsi``, ``captions`` and ``features.slides_per_job``; default
+100, what a cohort run uses).
 
 Reports the wall time, the CPU time (user + system; the figure to compare on a shared
 machine) and the peak resident memory of the snakemake process (getrusage of the child),
@@ -31,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def write_cohort(folder: Path, n_slides: int) -> Path:
+def write_cohort(folder: Path, n_slides: int, slides_per_job: int) -> Path:
     """A TSV of n_slides TCGA-like rows (paths that do not exist) and a config using it."""
     table = folder / "slides.tsv"
     with table.open("w") as fh:
@@ -41,7 +47,8 @@ def write_cohort(folder: Path, n_slides: int) -> Path:
             fh.write(f"{sid}\t/cohort/tcga/{sid}.svs\t\tTCGA-{i % 33:02d}\n")
     config = folder / "config.yaml"
     # demo: [] so the table is the whole cohort; everything else from the repo's config.yaml
-    config.write_text(f"slides: {table}\ndemo: []\n")
+    spj = f"{{slides_per_job: {slides_per_job}}}"
+    config.write_text(f"slides: {table}\ndemo: []\nwsi: {spj}\ncaptions: {spj}\nfeatures: {spj}\n")
     return config
 
 
@@ -84,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per variant; the median is reported")
     ap.add_argument("--profile", action="append",
                     help="profile(s) to time besides the plain run (default: profiles/slurm); 'none' for none")
+    ap.add_argument("--slides-per-job", type=int, default=100,
+                    help="job unit of the per-slide stages (1: a job per slide)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     a = ap.parse_args(argv)
     profiles = a.profile or ["profiles/slurm"]
@@ -91,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     with tempfile.TemporaryDirectory(prefix="mrplip-dag-") as tmp:
-        config = write_cohort(Path(tmp), a.slides)
+        config = write_cohort(Path(tmp), a.slides, a.slides_per_job)
         for profile in variants:
             runs = []
             for _ in range(a.repeat):
@@ -100,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run_once(config, profile, work))
             row = {
                 "slides": a.slides,
+                "slides_per_job": a.slides_per_job,
                 "profile": profile or "(none)",
                 "seconds": round(statistics.median(r["seconds"] for r in runs), 2),
                 "cpu_seconds": round(statistics.median(r["cpu_seconds"] for r in runs), 2),
@@ -108,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 "jobs": runs[0]["jobs"],
             }
             results.append(row)
-            print(f"{a.slides} slides, profile {row['profile']}: {row['seconds']} s wall, "
+            print(f"{a.slides} slides, {a.slides_per_job} per job, profile {row['profile']}: {row['seconds']} s wall, "
                   f"{row['cpu_seconds']} s CPU, peak RSS {row['peak_rss_mib']} MiB "
                   f"(wall of each run: {row['seconds_all']}), jobs {row['jobs']}", flush=True)
     info = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "time": time.strftime("%F %T")}

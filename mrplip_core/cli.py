@@ -6,7 +6,6 @@ Every verb is a thin layer over a library function and can be run by hand.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -22,26 +21,41 @@ def _cmd_demo_slide(a: argparse.Namespace) -> int:
 
 
 def _cmd_tiles(a: argparse.Namespace) -> int:
+    from mrplip_core.jobs import read_sections
+    from mrplip_core.layout import Layout
+    from mrplip_core.wsi.plan import SECTIONS
+    from mrplip_core.wsi.table import read_slide_table
     from mrplip_core.wsi.tiling import TilesOutputs, TilesSettings, tile_slide
 
-    settings = TilesSettings.from_dict(json.loads(a.settings))
-    outputs = TilesOutputs(Path(a.manifest), Path(a.geojson), Path(a.qc), Path(a.record))
-    rec = tile_slide(a.slide_id, a.path, outputs, settings, table_mpp=a.mpp)
-    if rec["status"] == "ok":
-        print(f"{a.slide_id}: {rec['n_parents']} parents, {rec['n_patches']} patches, "
-              f"magnifications {rec['magnifications']}, skipped {rec['skipped_magnifications']} "
-              f"({rec['elapsed_s']} s)")
-    else:
-        print(f"{a.slide_id}: FAILED, recorded: {rec['error']}", file=sys.stderr)
+    settings = TilesSettings.from_sections(read_sections(a.settings, *SECTIONS, verb="tiles"))
+    table = read_slide_table(a.table)
+    unknown = [s for s in a.slide_ids if s not in table.index]
+    if unknown:
+        print(f"mrplip tiles: slide(s) {unknown} are not in the slide table {a.table}", file=sys.stderr)
+        return 2
+    layout = Layout(a.results)
+    for sid in a.slide_ids:
+        outputs = TilesOutputs(layout.tiles(sid), layout.tissue_geojson(sid), layout.tissue_qc(sid),
+                               layout.slide_record(sid))
+        mpp = table.at[sid, "mpp"]
+        rec = tile_slide(sid, table.at[sid, "path"], outputs, settings, table_mpp=None if mpp != mpp else float(mpp))
+        if rec["status"] == "ok":
+            print(f"{sid}: {rec['n_parents']} parents, {rec['n_patches']} patches, "
+                  f"magnifications {rec['magnifications']}, skipped {rec['skipped_magnifications']} "
+                  f"({rec['elapsed_s']} s)")
+        else:
+            print(f"{sid}: FAILED, recorded: {rec['error']}", file=sys.stderr)
     return 0
 
 
 def _cmd_slides_table(a: argparse.Namespace) -> int:
+    from mrplip_core.layout import Layout
     from mrplip_core.wsi.records import collect_slide_records
 
-    df = collect_slide_records(a.table, a.records, a.out)
+    layout = Layout(a.results)
+    df = collect_slide_records(a.table, layout.slide_records, layout.slides_table)
     failed = df[df["status"] != "ok"]
-    print(f"{len(df)} slides, {len(failed)} failed -> {a.out}")
+    print(f"{len(df)} slides, {len(failed)} failed -> {layout.slides_table}")
     for sid, err in zip(failed["slide_id"], failed["error"]):
         print(f"  FAILED {sid}: {err}", file=sys.stderr)
     return 1 if (a.fatal and len(failed)) else 0
@@ -59,6 +73,7 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def _cmd_tile(a: argparse.Namespace) -> int:
+    from mrplip_core.layout import Layout
     from mrplip_core.wsi.records import read_patch_image
 
     m = PATCH_ID_RE.match(a.patch_id)
@@ -67,7 +82,7 @@ def _cmd_tile(a: argparse.Namespace) -> int:
         return 2
     out = Path(a.out or f"{a.patch_id}.png")
     try:
-        img = read_patch_image(Path(a.results), m["slide"], a.patch_id)
+        img = read_patch_image(Layout(a.results), m["slide"], a.patch_id)
     except (FileNotFoundError, KeyError) as exc:
         print(f"mrplip tile: {exc}", file=sys.stderr)
         return 2
@@ -90,19 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_demo_slide)
 
-    s = sub.add_parser("tiles", help="tissue detection + hierarchical tiling of one slide")
-    s.add_argument("--slide-id", required=True)
-    s.add_argument("--path", required=True)
-    s.add_argument("--mpp", type=float, default=None, help="per-slide um/px override (slide table)")
-    s.add_argument("--settings", required=True, help="JSON of the config's wsi settings")
-    for name in ("manifest", "geojson", "qc", "record"):
-        s.add_argument(f"--{name}", required=True)
+    s = sub.add_parser("tiles", help="tissue detection + hierarchical tiling of slides of the slide table")
+    s.add_argument("slide_ids", nargs="+", metavar="SLIDE_ID")
+    s.add_argument("--table", required=True, help="the slide table (TSV): each slide's path and mpp override")
+    s.add_argument("--results", default="results", help="the workflow's results folder (writes tiles/, tissue/, slides/)")
+    s.add_argument("--settings", default="", help="JSON of the config sections wsi, mpp_fallback, failures_fatal, "
+                                                   "tissue, tiling (keyed by section name)")
     s.set_defaults(func=_cmd_tiles)
 
-    s = sub.add_parser("slides-table", help="collect per-slide records into results/slides.parquet")
+    s = sub.add_parser("slides-table", help="collect the per-slide records into results/slides.parquet")
     s.add_argument("--table", required=True, help="the slide table (TSV)")
-    s.add_argument("--records", required=True, help="folder of {slide}.json records")
-    s.add_argument("--out", required=True)
+    s.add_argument("--results", default="results", help="the workflow's results folder")
     s.add_argument("--fatal", action="store_true", help="exit 1 when any slide failed")
     s.set_defaults(func=_cmd_slides_table)
 

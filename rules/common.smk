@@ -1,6 +1,6 @@
-# Helpers shared by every stage: config validation, the slide table, input functions.
-# Logic lives in mrplip_core; this file only connects it to Snakemake.
-import json
+# Helpers shared by every stage: config validation, the slide table, the layout and the plans.
+# Logic lives in mrplip_core; this file only connects it to Snakemake. Every result path comes
+# from LAYOUT (mrplip_core/layout.py); what each stage runs, and what reruns it, from its plan.
 import os
 import shlex
 import sys
@@ -8,12 +8,22 @@ import sys
 from snakemake.utils import validate
 
 import mrplip_core
+from mrplip_core.captions.plan import CaptionsPlan
+from mrplip_core.features.plan import FeaturesPlan
+from mrplip_core.layout import Layout
+from mrplip_core.wsi.plan import TilesPlan
 from mrplip_core.wsi.table import SLIDE_ID_PATTERN, read_slide_table
 
 validate(config, "../workflow/schemas/config.schema.yaml")
 
 SLIDES = read_slide_table(config["slides"])
 SLIDE_IDS = list(SLIDES.index)
+LAYOUT = Layout()
+VERSION = mrplip_core.__version__
+
+TILES_PLAN = TilesPlan.from_config(config)
+CAPTIONS_PLAN = CaptionsPlan.from_config(config)
+FEATURES_PLAN = FeaturesPlan.from_config(config)
 
 # The rules call the library through the Python that runs Snakemake (the project venv),
 # so they work whether or not the venv is activated.
@@ -32,6 +42,15 @@ def apply_profile_resources(entry, rule_names):
         if isinstance(parsed, dict) and entry in parsed:
             for name in rule_names:
                 parsed.setdefault(name, parsed[entry])
+
+
+def shard_rules(stage, shards):
+    """(rule name ``{stage}_shard_{i}``, log name ``shard_{i}``, slide ids, ids quoted for the
+    shell) of each shard of ``stage``; the rules get the profile's ``{stage}_shard`` entry."""
+    names = [f"{stage}_shard_{i}" for i in range(len(shards))]
+    apply_profile_resources(f"{stage}_shard", names)
+    return [(name, f"shard_{i}", ids, " ".join(shlex.quote(s) for s in ids))
+            for i, (name, ids) in enumerate(zip(names, shards))]
 
 
 def per_attempt(base):
@@ -53,35 +72,17 @@ def _workdir_relative(path):
     return path if rel.startswith("..") else rel
 
 
-def slide_input(wildcards):
-    """The slide file as a job input, or nothing when it is missing.
+def slide_files(slide_ids):
+    """The slide files of ``slide_ids`` as job inputs, leaving out missing ones.
 
     A missing file is not a DAG error: the tiles job runs and records it as failed, so
     the rest of the cohort finishes. Demo slides are made by rule demo_slide.
     """
-    path = _workdir_relative(SLIDES.at[wildcards.slide, "path"])
-    stem = os.path.splitext(os.path.basename(path))[0]
-    is_demo = stem in DEMO and path == f"demo/{stem}.tiff"
-    return [path] if (is_demo or os.path.exists(path)) else []
-
-
-def slide_mpp_arg(wildcards):
-    mpp = SLIDES.at[wildcards.slide, "mpp"]
-    return "" if mpp != mpp else f"--mpp {float(mpp)}"  # NaN: no override
-
-
-def settings_json(*keys):
-    """JSON of config sections, passed to `mrplip` and used as a rerun trigger (params)."""
-    return json.dumps({k: config[k] for k in keys}, sort_keys=True)
-
-
-WSI_SETTINGS = json.dumps(
-    {
-        "thumbnail_mpp": config["wsi"]["thumbnail_mpp"],
-        "mpp_fallback": config["mpp_fallback"],
-        "failures_fatal": config["failures_fatal"],
-        "tissue": config["tissue"],
-        "tiling": config["tiling"],
-    },
-    sort_keys=True,
-)
+    files = []
+    for sid in slide_ids:
+        path = _workdir_relative(SLIDES.at[sid, "path"])
+        stem = os.path.splitext(os.path.basename(path))[0]
+        is_demo = stem in DEMO and path == f"demo/{stem}.tiff"
+        if is_demo or os.path.exists(path):
+            files.append(path)
+    return files

@@ -4,13 +4,16 @@
 # every pretrain run; each is evaluated on every configured tile set (zero-shot, linear probe,
 # k-shot), runs also on retrieval over held-out patch/caption pairs. Frozen tile features are
 # computed once per (encoder, dataset) and shared by the baseline and every run on that encoder.
+import json
+
 from mrplip_core.evaluation.plan import EvaluationPlan, alternatives
+from mrplip_core.layout import RETRIEVAL
 
 EVAL_PLAN = EvaluationPlan.from_config(
     config,
     SLIDE_IDS,
-    pretrain_runs=globals().get("PRETRAIN_RUNS"),  # defined by rules/pretrain.smk, when included first
-    run_encoder=globals().get("RUN_IMAGE_ENCODER"),  # run name -> image encoder, likewise
+    run_encoders=PRETRAIN_PLAN.run_encoders,  # each run's image encoder, from its resolved section
+    layout=LAYOUT,
     bundled_root=os.path.normpath(os.path.join(workflow.basedir, "..")),  # shipped prompt files
 )
 EVAL = EVAL_PLAN.settings
@@ -24,13 +27,13 @@ rule eval_tile_features:
     input:
         tiles=lambda wc: EVAL_PLAN.datasets[wc.dataset].path,
     output:
-        "results/eval/features/{encoder}/{dataset}.h5",
+        LAYOUT.pattern("eval_tile_features"),
     wildcard_constraints:
         dataset=alternatives(list(EVAL_PLAN.datasets), "no-datasets"),
     params:
         trigger=lambda wc: EVAL_PLAN.tile_features_trigger(wc.dataset),
         # the encoder weights (path, size, mtime), as for the slide features (rules/features.smk)
-        weights=FEATURES_TRIGGER,
+        weights=FEATURES_PLAN.image_trigger,
         version=mrplip_core.__version__,
     log:
         "logs/eval/features/{encoder}/{dataset}.log",
@@ -48,7 +51,7 @@ rule eval_dataset:
     input:
         unpack(lambda wc: EVAL_PLAN.dataset_inputs(wc.model, wc.dataset)),
     output:
-        "results/eval/{model}/{dataset}/metrics.json",
+        LAYOUT.pattern("eval_metrics"),
     wildcard_constraints:
         model=alternatives(EVAL_PLAN.models, "no-models"),
         dataset=alternatives(list(EVAL_PLAN.datasets), "no-datasets"),
@@ -64,8 +67,8 @@ rule eval_dataset:
         mem_mb=per_attempt(EVAL.mem_mb),
         runtime=per_attempt(EVAL.runtime),
     shell:
-        "{MRPLIP} evaluate --model {wildcards.model} --dataset {wildcards.dataset} --results results"
-        " --out results/eval/{wildcards.model}/{wildcards.dataset} {params.features} {params.prompts}"
+        "{MRPLIP} evaluate --model {wildcards.model} --dataset {wildcards.dataset} --results {LAYOUT.root}"
+        " {params.features} {params.prompts}"
         " --settings {EVAL_SETTINGS_ARG} --threads {threads} > {log} 2>&1"
 
 
@@ -73,7 +76,7 @@ rule eval_retrieval:
     input:
         unpack(lambda wc: EVAL_PLAN.retrieval_inputs(wc.model)),
     output:
-        "results/eval/{model}/retrieval/metrics.json",
+        LAYOUT.pattern("eval_metrics", dataset=RETRIEVAL),
     wildcard_constraints:
         model=alternatives(EVAL_PLAN.runs, "no-runs"),
     params:
@@ -86,15 +89,14 @@ rule eval_retrieval:
         mem_mb=per_attempt(EVAL.mem_mb),
         runtime=per_attempt(EVAL.runtime),
     shell:
-        "{MRPLIP} evaluate-retrieval --model {wildcards.model} --results results"
-        " --out results/eval/{wildcards.model}/retrieval --settings {EVAL_SETTINGS_ARG} --threads {threads} > {log} 2>&1"
+        "{MRPLIP} evaluate-retrieval --model {wildcards.model} --results {LAYOUT.root} --settings {EVAL_SETTINGS_ARG} --threads {threads} > {log} 2>&1"
 
 
 rule eval_summary:
     input:
         EVAL_PLAN.metrics_files(),
     output:
-        "results/eval/summary.csv",
+        LAYOUT.pattern("eval_summary"),
     log:
         "logs/eval/summary.log",
     threads: 1
@@ -109,7 +111,7 @@ rule html_report:
     input:
         **EVAL_PLAN.report_inputs(),
     output:
-        "results/report/index.html",
+        LAYOUT.pattern("report"),
     params:
         report=EVAL.digest("report"),
         runs=",".join(EVAL_PLAN.runs),
@@ -122,11 +124,11 @@ rule html_report:
         mem_mb=per_attempt(4000),
         runtime=per_attempt(30),
     shell:
-        "{MRPLIP} report --results results --out results/report --runs {params.runs:q} --baselines {params.baselines:q}"
+        "{MRPLIP} report --results {LAYOUT.root} --out {LAYOUT.report_dir} --runs {params.runs:q} --baselines {params.baselines:q}"
         " --settings {EVAL_SETTINGS_ARG} > {log} 2>&1"
 
 
 rule evaluate:
     input:
-        "results/eval/summary.csv",
-        "results/report/index.html",
+        LAYOUT.pattern("eval_summary"),
+        LAYOUT.pattern("report"),

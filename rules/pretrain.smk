@@ -1,12 +1,13 @@
-# Stage: MR-PLIP pretraining over the per-slide feature files (stage target rule 'pretrain').
+# Stage 4: MR-PLIP pretraining over the per-slide feature files (plan: mrplip_core/train/plan.py).
 #
-# One job for the whole cohort: `torchrun` starts one process per GPU (or per CPU process
-# with gloo when there is no GPU), each reading bags lazily from the per-slide HDF5/Parquet
-# files. The outputs are the exported model (written last); config.yaml, metrics.csv,
-# tokenizer/ and checkpoints/ in the same folder are not rule outputs, so Snakemake never
-# deletes them: a job killed by a time limit resumes exactly from its last checkpoint when
-# rerun, and its metrics continue.
-# A changed pretrain config reruns the rule; if the run already has checkpoints the
+# One job per run for the whole cohort: `torchrun` starts one process per GPU (or per CPU
+# process with gloo when there is no GPU), each reading bags lazily from the per-slide
+# HDF5/Parquet files. Runs: `pretrain.run`, plus one per `ablations` entry (that section with
+# the entry's keys changed, under the entry's name), each resolved once by the plan. The
+# outputs are the exported model (written last); config.yaml, metrics.csv, tokenizer/ and
+# checkpoints/ in the same folder are not rule outputs, so Snakemake never deletes them: a job
+# killed by a time limit resumes exactly from its last checkpoint when rerun, and its metrics
+# continue. A changed pretrain config reruns the rule; if the run already has checkpoints the
 # trainer refuses to resume them with a different config (use a new pretrain.run name).
 #
 # Multi-node (docs/cluster.md, profiles/slurm): the profile gives this rule `nodes`,
@@ -16,80 +17,53 @@
 # --rdzv-endpoint=<first node>:<port>` per node; ranks meet there and NCCL connects them.
 # Without Slurm (resources.mpi empty) it runs `torchrun --standalone --nproc-per-node=P`.
 # The run folder must be on a filesystem every node sees (each rank writes its RNG state).
-
-
 import re
 
 import mrplip_core.train
-from mrplip_core.train.ablations import expand_runs
+from mrplip_core.train.plan import PretrainPlan
 
 PRETRAIN_SCHEMA = os.path.join(os.path.dirname(mrplip_core.train.__file__), "config_schema.yaml")
 # The pretrain section has its own schema beside the code that reads it (defaults filled here).
 validate(config["pretrain"], PRETRAIN_SCHEMA)
-
+PRETRAIN_PLAN = PretrainPlan.from_config(
+    config, results=str(LAYOUT.root), validate=lambda run, section: validate(section, PRETRAIN_SCHEMA)
+)
+PRETRAIN_RESOURCES = PRETRAIN_PLAN.resources
 TORCHRUN_LAUNCHER = os.path.join(workflow.basedir, "scripts", "torchrun.sh")
 
 
-# Runs: the pretrain section under pretrain.run, plus one per `ablations` entry (that section
-# with the entry's keys changed, under the entry's name). Each is validated like the main one.
-PRETRAIN_MAIN_RUN = config["pretrain"]["run"]
-PRETRAIN_SETTINGS = expand_runs(config["pretrain"], config.get("ablations"))
-for _name in list(PRETRAIN_SETTINGS)[1:]:
-    try:
-        validate(PRETRAIN_SETTINGS[_name], PRETRAIN_SCHEMA)
-    except Exception as exc:
-        raise ValueError(f"config ablations.{_name}: the pretrain section it makes is invalid: {exc}") from None
-PRETRAIN_RUNS = list(PRETRAIN_SETTINGS)  # read by rules/evaluate.smk
-PRETRAIN_ABLATIONS = PRETRAIN_RUNS[1:]
-_IMAGE_ENCODER = config["features"].get("image_encoder", "tiny-vit-random")
-_TEXT_ENCODER = config["features"].get("text_encoder", "minilm")
-
-
-def RUN_IMAGE_ENCODER(run):  # read by rules/evaluate.smk: every run trains on these features
-    return _IMAGE_ENCODER
-
-
-def pretrain_settings_json(run):
-    """A run's pretrain section, pointed at this workflow's results and feature encoders
-    (also the rerun trigger: a changed setting reruns the run)."""
-    section = PRETRAIN_SETTINGS[run]
-    data = {**section.get("data", {}), "results": "results", "image_encoder": _IMAGE_ENCODER,
-            "text_encoder": _TEXT_ENCODER}
-    return json.dumps({**section, "data": data}, sort_keys=True)
+def pretrain_inputs(run):
+    """What a run reads: the slide table, and tiles, captions and features of every slide."""
+    plan = PRETRAIN_PLAN.runs[run]
+    return dict(
+        slides=LAYOUT.pattern("slides_table"),
+        tiles=LAYOUT.expand("tiles", slide=SLIDE_IDS),
+        captions=LAYOUT.expand("captions", slide=SLIDE_IDS),
+        image_features=LAYOUT.expand("image_features", encoder=plan.image_encoder, slide=SLIDE_IDS),
+        text_features=LAYOUT.expand("text_features", encoder=plan.text_encoder, slide=SLIDE_IDS),
+    )
 
 
 rule pretrain:
     input:
-        slides="results/slides.parquet",
-        tiles=expand("results/tiles/{slide}.parquet", slide=SLIDE_IDS),
-        captions=expand("results/captions/{slide}.parquet", slide=SLIDE_IDS),
-        image_features=expand(
-            "results/features/{encoder}/{slide}.h5",
-            encoder=_IMAGE_ENCODER,
-            slide=SLIDE_IDS,
-        ),
-        text_features=expand(
-            "results/text_features/{encoder}/{slide}.h5",
-            encoder=_TEXT_ENCODER,
-            slide=SLIDE_IDS,
-        ),
+        **pretrain_inputs(PRETRAIN_PLAN.main),
     output:
-        model=f"results/pretrain/{PRETRAIN_MAIN_RUN}/model.safetensors",
-        model_json=f"results/pretrain/{PRETRAIN_MAIN_RUN}/model.json",
+        model=LAYOUT.pattern("model", run=PRETRAIN_PLAN.main),
+        model_json=LAYOUT.pattern("model_json", run=PRETRAIN_PLAN.main),
     params:
-        settings=pretrain_settings_json(PRETRAIN_MAIN_RUN),
-        run_dir=f"results/pretrain/{PRETRAIN_MAIN_RUN}",
-        nproc=config["pretrain"]["resources"].get("processes_per_node", 1),
-        omp=config["pretrain"]["resources"].get("threads_per_process", 1),
+        settings=PRETRAIN_PLAN.runs[PRETRAIN_PLAN.main].settings_arg,
+        run_dir=LAYOUT.pattern("run_dir", run=PRETRAIN_PLAN.main),
+        nproc=PRETRAIN_RESOURCES["processes_per_node"],
+        omp=PRETRAIN_RESOURCES["threads_per_process"],
         python=sys.executable,
-        version=mrplip_core.__version__,
+        version=VERSION,
     log:
-        f"logs/pretrain/{PRETRAIN_MAIN_RUN}.log",
-    threads: config["pretrain"]["resources"]["processes_per_node"] * config["pretrain"]["resources"]["threads_per_process"]
+        f"logs/pretrain/{PRETRAIN_PLAN.main}.log",
+    threads: PRETRAIN_RESOURCES["processes_per_node"] * PRETRAIN_RESOURCES["threads_per_process"]
     resources:
-        gpu=config["pretrain"]["resources"].get("gpus_per_node", 0),
-        mem_mb=config["pretrain"]["resources"].get("mem_mb", 16000),
-        runtime=config["pretrain"]["resources"].get("runtime", 2880),
+        gpu=PRETRAIN_RESOURCES["gpus_per_node"],
+        mem_mb=PRETRAIN_RESOURCES["mem_mb"],
+        runtime=PRETRAIN_RESOURCES["runtime"],
         # profiles/slurm sets "srun": one torchrun per node of the allocation. Quoted by hand in
         # the command: `{resources.mpi:q}` renders "" as nothing, which shifts the launcher's
         # arguments on a machine without Slurm.
@@ -102,17 +76,19 @@ rule pretrain:
 
 # An ablation: the same job on its own run folder (profiles give it pretrain's resources).
 use rule pretrain as pretrain_ablation with:
+    input:
+        unpack(lambda wc: pretrain_inputs(wc.run)),
     output:
-        model="results/pretrain/{run}/model.safetensors",
-        model_json="results/pretrain/{run}/model.json",
+        model=LAYOUT.pattern("model"),
+        model_json=LAYOUT.pattern("model_json"),
     wildcard_constraints:
-        run="|".join(re.escape(r) for r in PRETRAIN_ABLATIONS) or "no-ablations",
+        run="|".join(re.escape(r) for r in PRETRAIN_PLAN.ablations) or "no-ablations",
     params:
-        settings=lambda wc: pretrain_settings_json(wc.run),
-        run_dir=lambda wc: f"results/pretrain/{wc.run}",
-        nproc=config["pretrain"]["resources"].get("processes_per_node", 1),
-        omp=config["pretrain"]["resources"].get("threads_per_process", 1),
+        settings=lambda wc: PRETRAIN_PLAN.runs[wc.run].settings_arg,
+        run_dir=lambda wc: LAYOUT.pattern("run_dir", run=wc.run),
+        nproc=PRETRAIN_RESOURCES["processes_per_node"],
+        omp=PRETRAIN_RESOURCES["threads_per_process"],
         python=sys.executable,
-        version=mrplip_core.__version__,
+        version=VERSION,
     log:
         "logs/pretrain/{run}.log",

@@ -1,4 +1,9 @@
-# Stage 1: tissue masks and hierarchical multi-magnification tiles, one job per slide.
+# Stage 1: tissue masks and hierarchical multi-magnification tiles (plan: mrplip_core/wsi/plan.py).
+# One job per slide, or per shard of `wsi.slides_per_job` slides.
+from mrplip_core.wsi.plan import slide_rows
+
+TILES_SETTINGS_ARG = shlex.quote(TILES_PLAN.settings_arg)
+TILES_OUTPUTS = ("tiles", "tissue_geojson", "tissue_qc", "slide_record")
 
 
 rule demo_slide:
@@ -17,36 +22,58 @@ rule demo_slide:
         " --mpp {params.spec[mpp]} --seed {params.spec[seed]} > {log} 2>&1"
 
 
-rule tiles_slide:
-    input:
-        slide_input,
-    output:
-        manifest="results/tiles/{slide}.parquet",
-        geojson="results/tissue/{slide}.geojson",
-        qc="results/tissue/{slide}.png",
-        record="results/slides/{slide}.json",
-    params:
-        path=lambda wc: SLIDES.at[wc.slide, "path"],
-        mpp=slide_mpp_arg,
-        settings=WSI_SETTINGS,
-        version=mrplip_core.__version__,
-    log:
-        "logs/tiles/{slide}.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=30,
-    shell:
-        "{MRPLIP} tiles --slide-id {wildcards.slide:q} --path {params.path:q} {params.mpp}"
-        " --settings {params.settings:q} --manifest {output.manifest} --geojson {output.geojson}"
-        " --qc {output.qc} --record {output.record} > {log} 2>&1"
+if TILES_PLAN.per_slide:
+
+    rule tiles_slide:
+        input:
+            lambda wc: slide_files([wc.slide]),
+        output:
+            **{name: LAYOUT.pattern(name) for name in TILES_OUTPUTS},
+        params:
+            rows=lambda wc: slide_rows(SLIDES, [wc.slide]),
+            settings=TILES_PLAN.trigger,
+            version=VERSION,
+        log:
+            "logs/tiles/{slide}.log",
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=30,
+        shell:
+            "{MRPLIP} tiles {wildcards.slide:q} --table {config[slides]:q} --results {LAYOUT.root}"
+            " --settings {TILES_SETTINGS_ARG} > {log} 2>&1"
+
+else:
+    for _name, _shard, _ids, _quoted in shard_rules("tiles", TILES_PLAN.shards(SLIDE_IDS)):
+
+        rule:
+            name:
+                _name
+            input:
+                slide_files(_ids),
+            output:
+                **{name: LAYOUT.expand(name, slide=_ids) for name in TILES_OUTPUTS},
+            params:
+                slides=_quoted,
+                rows=slide_rows(SLIDES, _ids),
+                settings=TILES_PLAN.trigger,
+                version=VERSION,
+            log:
+                f"logs/tiles/{_shard}.log",
+            threads: 1
+            resources:
+                mem_mb=2000,
+                runtime=per_attempt(10 + 2 * len(_ids)),  # minutes: a slide takes seconds
+            shell:
+                "{MRPLIP} tiles {params.slides} --table {config[slides]:q} --results {LAYOUT.root}"
+                " --settings {TILES_SETTINGS_ARG} > {log} 2>&1"
 
 
 rule slides_table:
     input:
-        expand("results/slides/{slide}.json", slide=SLIDE_IDS),
+        LAYOUT.expand("slide_record", slide=SLIDE_IDS),
     output:
-        "results/slides.parquet",
+        LAYOUT.pattern("slides_table"),
     params:
         table=config["slides"],
         fatal="--fatal" if config["failures_fatal"] else "",
@@ -57,11 +84,10 @@ rule slides_table:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{MRPLIP} slides-table --table {params.table:q} --records results/slides --out {output}"
-        " {params.fatal} > {log} 2>&1"
+        "{MRPLIP} slides-table --table {params.table:q} --results {LAYOUT.root} {params.fatal} > {log} 2>&1"
 
 
 rule tiles:
     input:
-        "results/slides.parquet",
-        expand("results/tiles/{slide}.parquet", slide=SLIDE_IDS),
+        LAYOUT.pattern("slides_table"),
+        LAYOUT.expand("tiles", slide=SLIDE_IDS),

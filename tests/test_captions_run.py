@@ -14,7 +14,7 @@ from mrplip_core.captions.backends import CaptionResult, MorphologyBackend
 from mrplip_core.captions.openai_backend import ServerGone
 from mrplip_core.captions.parts import parts_dir, read_parts
 from mrplip_core.captions.run import SlideJob, caption_slides
-from mrplip_core.wsi.table import shard_slides
+from mrplip_core.jobs import shard_slides
 from mrplip_core.captions.schema import CAPTION_COLUMNS
 from mrplip_core.captions.settings import CaptionSettings
 

@@ -12,6 +12,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
 
 from mrplip_core.evaluation.metrics import classification_metrics, mean_std, recall_at_k
 from mrplip_core.evaluation.plan import EvaluationPlan
+from mrplip_core.layout import Layout
 from mrplip_core.evaluation.probe import choose_protocol, few_shot, linear_probe
 from mrplip_core.evaluation.prompts import PromptError, PromptSet
 from mrplip_core.evaluation.retrieval import retrieval_scores
@@ -149,7 +150,7 @@ def test_plan_lists_models_inputs_and_skips_absent_optional_datasets(tmp_path: P
             "here": {"path": str(csv), "mpp": 0.5, "prompts": "p.json"},
             "gone": {"path": str(tmp_path / "nope.csv"), "mpp": 0.5, "optional": True}}},
     }
-    plan = EvaluationPlan.from_config(config, ["s1", "s2"])
+    plan = EvaluationPlan.from_config(config, ["s1", "s2"], run_encoders={"base": "uni", "no-mrtva": "uni"})
     assert plan.models == ["frozen-uni", "base", "no-mrtva"]
     assert len(plan.metrics_files()) == 3 * 2 + 2
     inputs = plan.dataset_inputs("no-mrtva", "here")
@@ -157,10 +158,18 @@ def test_plan_lists_models_inputs_and_skips_absent_optional_datasets(tmp_path: P
                       "model": "results/pretrain/no-mrtva/model.safetensors"}
     assert plan.dataset_inputs("frozen-uni", "gone") == {}
     assert plan.retrieval_inputs("base")["features"] == ["results/features/uni/s1.h5", "results/features/uni/s2.h5"]
-    assert EvaluationPlan.from_config({"pretrain": {"run": "r"}}).runs == ["r"]
-    assert EvaluationPlan.from_config({}, pretrain_runs=["a", "b"]).runs == ["a", "b"]
+    features = {"features": {"image_encoder": "uni"}}
+    assert EvaluationPlan.from_config(features, run_encoders={"a": "uni", "b": "conch"}).runs == ["a", "b"]
+    assert EvaluationPlan.from_config(features, run_encoders={"a": "uni", "b": "conch"}).encoder_of("b") == "conch"
     with pytest.raises(ValueError, match="reserved"):
-        EvaluationPlan.from_config({"evaluation": {"runs": ["frozen-x"]}})
+        EvaluationPlan.from_config({**features, "evaluation": {"runs": ["frozen-x"]}})
+    with pytest.raises(ValueError, match="'old' is not a pretraining run of this config"):
+        EvaluationPlan.from_config({**features, "evaluation": {"runs": ["old"]}}, layout=Layout(tmp_path))
+    # a run trained earlier: its encoder comes from the config it wrote
+    (tmp_path / "pretrain" / "old").mkdir(parents=True)
+    (tmp_path / "pretrain" / "old" / "config.yaml").write_text("pretrain:\n  data: {image_encoder: uni2-h}\n")
+    old = EvaluationPlan.from_config({**features, "evaluation": {"runs": ["old"]}}, layout=Layout(tmp_path))
+    assert old.encoder_of("old") == "uni2-h"
 
 
 def test_tiny_or_unsplit_sets_are_na_with_the_reason_not_a_crash() -> None:

@@ -159,7 +159,7 @@ def test_cli_prints_and_rejects_configs(corpus, capsys):
     from mrplip_core.train.cli import main
 
     results, tokenizer = corpus
-    settings = json.dumps(tiny_pretrain_settings(results, tokenizer))
+    settings = json.dumps({"pretrain": tiny_pretrain_settings(results, tokenizer)})
     assert main(["pretrain", "--settings", settings, "--set", "train.steps=5", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["pretrain"]["train"]["steps"] == 5
     assert main(["pretrain", "--settings", settings, "--set", "model.widht=3", "--print-config"]) == 2

@@ -16,23 +16,34 @@ def _logging() -> None:
 
 def _cmd_captions(a: argparse.Namespace) -> int:
     from mrplip_core.captions.run import SlideJob, caption_slides
-    from mrplip_core.captions.settings import CaptionSettings
 
     _logging()
-    settings = CaptionSettings.from_dict(json.loads(a.settings) if a.settings else {})
+    settings = _settings(a)
     jobs = [SlideJob.under(a.results, sid) for sid in a.slide_ids]
     summary = caption_slides(jobs, settings, log_dir=a.log_dir)
     print(json.dumps(summary, indent=1))
     return 0
 
 
+def _settings(a: argparse.Namespace):  # -> CaptionSettings
+    """The ``captions`` section of the verb's ``--settings`` (keyed by section name)."""
+    from mrplip_core.captions.plan import SECTIONS
+    from mrplip_core.captions.settings import CaptionSettings
+    from mrplip_core.jobs import read_sections
+
+    return CaptionSettings.from_dict(read_sections(a.settings, *SECTIONS, verb=a.verb)["captions"])
+
+
 def _cmd_keywords(a: argparse.Namespace) -> int:
     from mrplip_core.captions.keywords import keywords_for_slide
-    from mrplip_core.captions.settings import CaptionSettings
+    from mrplip_core.layout import Layout
 
-    settings = CaptionSettings.from_dict(json.loads(a.settings) if a.settings else {})
-    df = keywords_for_slide(a.captions, a.manifest, a.out, settings.keywords)
-    print(f"{df['bag_id'].nunique()} bags, {len(df)} (bag, keyword) rows -> {a.out}")
+    settings = _settings(a)
+    layout = Layout(a.results)
+    for sid in a.slide_ids:
+        out = layout.keywords(sid)
+        df = keywords_for_slide(layout.captions(sid), layout.tiles(sid), out, settings.keywords)
+        print(f"{sid}: {df['bag_id'].nunique()} bags, {len(df)} (bag, keyword) rows -> {out}")
     return 0
 
 
@@ -67,15 +78,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("captions", help="caption the patches of one slide or a shard of slides (resumable)")
     s.add_argument("slide_ids", nargs="+", metavar="SLIDE_ID")
     s.add_argument("--results", default="results", help="results folder (reads tiles/, slides/; writes captions/)")
-    s.add_argument("--settings", default=None, help="JSON of the config's captions section")
+    s.add_argument("--settings", default=None, help="JSON of the config sections the stage uses: {\"captions\": {...}}")
     s.add_argument("--log-dir", default=None, help="folder for the vLLM server log (managed server)")
     s.set_defaults(func=_cmd_captions)
 
-    s = sub.add_parser("keywords", help="textual bags: keywords of each bag's captions")
-    s.add_argument("--captions", required=True, help="results/captions/{slide}.parquet")
-    s.add_argument("--manifest", required=True, help="results/tiles/{slide}.parquet")
-    s.add_argument("--out", required=True, help="results/keywords/{slide}.parquet")
-    s.add_argument("--settings", default=None, help="JSON of the config's captions section")
+    s = sub.add_parser("keywords", help="textual bags: keywords of each bag's captions, for slides")
+    s.add_argument("slide_ids", nargs="+", metavar="SLIDE_ID")
+    s.add_argument("--results", default="results", help="results folder (reads captions/, tiles/; writes keywords/)")
+    s.add_argument("--settings", default=None, help="JSON of the config sections the stage uses: {\"captions\": {...}}")
     s.set_defaults(func=_cmd_keywords)
 
     s = sub.add_parser("convert-llava", help="original-format LLaVA (Quilt-LLaVA) -> HF LlavaForConditionalGeneration")

@@ -27,6 +27,7 @@ from mrplip_core.captions.patches import PatchTask, SlideReader, load_manifest, 
 from mrplip_core.captions.progress import Progress
 from mrplip_core.captions.schema import CAPTION_ARROW_SCHEMA, empty_captions
 from mrplip_core.captions.settings import CaptionSettings
+from mrplip_core.layout import Layout
 from mrplip_core.io.atomic import atomic_path
 
 log = logging.getLogger("mrplip.captions")
@@ -43,10 +44,9 @@ class SlideJob:
 
     @classmethod
     def under(cls, results: str | Path, slide_id: str) -> SlideJob:
-        """The standard layout below a results folder."""
-        r = Path(results)
-        return cls(slide_id, r / "tiles" / f"{slide_id}.parquet", r / "slides" / f"{slide_id}.json",
-                   r / "captions" / f"{slide_id}.parquet")
+        """The standard layout below a results folder (:mod:`mrplip_core.layout`)."""
+        layout = Layout(results)
+        return cls(slide_id, layout.tiles(slide_id), layout.slide_record(slide_id), layout.captions(slide_id))
 
 
 @dataclass

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mrplip_core.layout import RETRIEVAL, Layout
+
 
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -76,7 +78,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
     settings, features = _start(a)
     spec, dataset, reason = _dataset(settings, a.dataset)
-    out = Path(a.out or Path(a.results) / "eval" / a.model / a.dataset)
+    out = Path(a.out or Layout(a.results).eval_result_dir(a.model, a.dataset))
     if dataset is None:
         skipped_dataset(a.model, spec, reason or "", out)
         print(f"{a.model} on {spec.name}: skipped ({reason}) -> {out}/metrics.json")
@@ -99,9 +101,9 @@ def _cmd_evaluate_retrieval(a: argparse.Namespace) -> int:
     from mrplip_core.evaluation.run import run_retrieval
 
     settings, features = _start(a)
-    out = Path(a.out or Path(a.results) / "eval" / a.model / "retrieval")
+    out = Path(a.out or Layout(a.results).eval_result_dir(a.model, RETRIEVAL))
     embedder = build_embedder(a.model, results=a.results, features=features, embedding=settings.embedding)
-    run_dir = Path(a.results) / "pretrain" / a.model
+    run_dir = Layout(a.results).run_dir(a.model)
     r = run_retrieval(embedder, a.results, settings, out, run_dir if run_dir.is_dir() else None)
     if r.get("status") == "ok":
         print(f"{a.model} retrieval on {r['n_pairs']} pairs: image->text {r['image_to_text']}, text->image {r['text_to_image']}")

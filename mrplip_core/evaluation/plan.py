@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from mrplip_core.evaluation.settings import BASELINE_PREFIX, DatasetSpec, EvaluationSettings
-
-DEFAULT_IMAGE_ENCODER = "tiny-vit-random"
+from mrplip_core.layout import RETRIEVAL, Layout
 
 
 @dataclass
@@ -24,46 +23,43 @@ class EvaluationPlan:
     """Models x datasets, retrieval per run, and where every input and output lives."""
 
     settings: EvaluationSettings
-    runs: list[str]  # pretrain runs (results/pretrain/{run})
+    run_encoders: dict[str, str]  # pretrain run (pretrain/{run}) -> the image encoder it trains on
     baselines: list[str]  # frozen image encoders (registry names)
     slide_ids: list[str] = field(default_factory=list)
-    run_encoder: Callable[[str], str] = lambda run: DEFAULT_IMAGE_ENCODER  # noqa: E731
-    results: str = "results"
+    layout: Layout = field(default_factory=Layout)
     #: Folder that relative paths fall back to when they do not exist in the working
     #: directory: the repository, so the shipped evaluation/prompts/*.json work from any -d.
     bundled_root: str | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], slide_ids: Sequence[str] = (), *,
-                    pretrain_runs: Sequence[str] | None = None,
-                    run_encoder: Callable[[str], str] | None = None,
+                    run_encoders: Mapping[str, str] | None = None, layout: Layout | None = None,
                     bundled_root: str | None = None) -> EvaluationPlan:
         """The plan of a (validated) workflow config.
 
-        Runs: ``evaluation.runs``, else ``pretrain_runs`` (what the pretrain stage defines),
-        else ``pretrain.run`` when there is a ``pretrain`` section. Baselines:
-        ``evaluation.baselines``, else ``features.image_encoder``. A run's encoder:
-        ``run_encoder(run)``, else ``features.image_encoder`` (the pretrain rule trains on
-        that encoder's features). A run that turns out to use another encoder is still
-        evaluated correctly: ``evaluate`` sees the cached features name another encoder
-        and embeds the tiles from their pixels.
+        ``run_encoders``: every pretraining run of the config and the image encoder it trains
+        on, as the pretraining plan resolved them (``PretrainPlan.run_encoders``). Runs
+        evaluated: ``evaluation.runs`` when given, else all of those. A run named in
+        ``evaluation.runs`` that this config does not train (one trained earlier) must have
+        finished: its encoder is read from its own resolved config (``pretrain/{run}/config.yaml``).
+        Baselines: ``evaluation.baselines``, else ``features.image_encoder``.
         """
         settings = EvaluationSettings.from_dict(config.get("evaluation"))
         features = config.get("features") or {}
-        pretrain = config.get("pretrain") or {}
-        default_encoder = str(features.get("image_encoder", DEFAULT_IMAGE_ENCODER))
+        layout = layout or Layout()
+        known = dict(run_encoders or {})
         if settings.runs is not None:
-            runs = list(settings.runs)
-        elif pretrain_runs is not None:
-            runs = list(pretrain_runs)
-        else:
-            runs = [str(pretrain.get("run", "default"))] if pretrain else []
-        baselines = list(settings.baselines) if settings.baselines is not None else [default_encoder]
-        clash = sorted({r for r in runs if r.startswith(BASELINE_PREFIX) or r in ("features",)})
+            known = {r: known[r] if r in known else _trained_encoder(layout, r, list(known)) for r in settings.runs}
+        baselines = (list(settings.baselines) if settings.baselines is not None
+                     else [str(features["image_encoder"])])
+        clash = sorted({r for r in known if r.startswith(BASELINE_PREFIX) or r in ("features",)})
         if clash:
             raise ValueError(f"pretrain run names {clash} are reserved by evaluation (frozen-*, features)")
-        return cls(settings, runs, baselines, list(slide_ids), run_encoder or (lambda run: default_encoder),
-                   bundled_root=bundled_root)
+        return cls(settings, known, baselines, list(slide_ids), layout, bundled_root=bundled_root)
+
+    @property
+    def runs(self) -> list[str]:
+        return list(self.run_encoders)
 
     # -- what is evaluated -------------------------------------------------------------------
     @property
@@ -75,7 +71,7 @@ class EvaluationPlan:
         return {d.name: d for d in self.settings.datasets}
 
     def encoder_of(self, model: str) -> str:
-        return model[len(BASELINE_PREFIX):] if model.startswith(BASELINE_PREFIX) else self.run_encoder(model)
+        return model[len(BASELINE_PREFIX):] if model.startswith(BASELINE_PREFIX) else self.run_encoders[model]
 
     def available(self, dataset: str) -> bool:
         return os.path.exists(self.datasets[dataset].path)
@@ -93,16 +89,16 @@ class EvaluationPlan:
     # -- files ---------------------------------------------------------------------------------
     def metrics_files(self) -> list[str]:
         """Every metrics.json the stage target needs."""
-        out = [f"{self.results}/eval/{m}/{d}/metrics.json" for m in self.models for d in self.datasets]
+        out = [str(self.layout.eval_metrics(m, d)) for m in self.models for d in self.datasets]
         if self.settings.retrieval.enabled:
-            out += [f"{self.results}/eval/{r}/retrieval/metrics.json" for r in self.runs]
+            out += [str(self.layout.eval_metrics(r, RETRIEVAL)) for r in self.runs]
         return out
 
     def model_export(self, run: str) -> str:
-        return f"{self.results}/pretrain/{run}/model.safetensors"
+        return str(self.layout.model(run))
 
     def tile_features(self, encoder: str, dataset: str) -> str:
-        return f"{self.results}/eval/features/{encoder}/{dataset}.h5"
+        return str(self.layout.eval_tile_features(encoder, dataset))
 
     def dataset_inputs(self, model: str, dataset: str) -> dict[str, str]:
         """Inputs of one (model, dataset) job: tile list, prompts, cached features, model export.
@@ -125,21 +121,21 @@ class EvaluationPlan:
     def retrieval_inputs(self, run: str) -> dict[str, list[str] | str]:
         """The run's export, and captions and image features of every slide (the held-out
         ones are known only from the run's bag index, written when it trains)."""
-        encoder = self.run_encoder(run)
+        ids = self.slide_ids
         return {
             "model": self.model_export(run),
-            "captions": [f"{self.results}/captions/{s}.parquet" for s in self.slide_ids],
-            "features": [f"{self.results}/features/{encoder}/{s}.h5" for s in self.slide_ids],
+            "captions": self.layout.expand("captions", slide=ids),
+            "features": self.layout.expand("image_features", encoder=self.run_encoders[run], slide=ids),
         }
 
     def report_inputs(self) -> dict[str, list[str] | str]:
-        r = self.results
+        ids = self.slide_ids
         return {
-            "summary": f"{r}/eval/summary.csv",
-            "slides": f"{r}/slides.parquet",
-            "qc": [f"{r}/tissue/{s}.png" for s in self.slide_ids],
-            "captions": [f"{r}/captions/{s}.parquet" for s in self.slide_ids],
-            "keywords": [f"{r}/keywords/{s}.parquet" for s in self.slide_ids],
+            "summary": str(self.layout.eval_summary),
+            "slides": str(self.layout.slides_table),
+            "qc": self.layout.expand("tissue_qc", slide=ids),
+            "captions": self.layout.expand("captions", slide=ids),
+            "keywords": self.layout.expand("keywords", slide=ids),
             "runs": [self.model_export(run) for run in self.runs],
         }
 
@@ -160,6 +156,20 @@ class EvaluationPlan:
         return json.dumps({"dataset": {k: v for k, v in spec.items() if k not in ("title", "citation")},
                            "tasks": self.settings.digest("zero_shot", "linear_probe", "few_shot", "embedding")},
                           sort_keys=True)
+
+
+def _trained_encoder(layout: Layout, run: str, defined: list[str]) -> str:
+    """The image encoder of a run trained earlier, from the config it wrote."""
+    import yaml
+
+    path = layout.run_config(run)
+    if run.startswith(BASELINE_PREFIX) or run == "features":
+        raise ValueError(f"pretrain run names ['{run}'] are reserved by evaluation (frozen-*, features)")
+    if not path.exists():
+        raise ValueError(f"config evaluation.runs: {run!r} is not a pretraining run of this config "
+                         f"(it defines {defined}) and has no finished run folder ({path} is missing)")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    return str(loaded.get("pretrain", loaded)["data"]["image_encoder"])
 
 
 def alternatives(names: Sequence[str], empty: str) -> str:

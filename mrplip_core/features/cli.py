@@ -9,65 +9,70 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 
 
-def _settings(a: argparse.Namespace):  # -> FeatureSettings
-    from mrplip_core.features.settings import FeatureSettings
+def _plan(a: argparse.Namespace):  # -> FeaturesPlan
+    """The features plan of the verb's ``--settings`` (sections ``features``, ``failures_fatal``)."""
+    from mrplip_core.features.plan import SECTIONS, FeaturesPlan
+    from mrplip_core.jobs import read_sections
 
-    settings = json.loads(a.settings) if a.settings else {}
-    features = dict(settings.get("features", settings))
-    if "failures_fatal" in settings and "features" in settings:
-        features["failures_fatal"] = settings["failures_fatal"]
-    return FeatureSettings.from_dict(features)
+    sections = read_sections(a.settings, *SECTIONS, verb=a.verb)
+    features = dict(sections["features"] or {})
+    if sections["failures_fatal"] is not None:
+        features["failures_fatal"] = sections["failures_fatal"]
+    if a.encoder:
+        features["image_encoder" if a.verb == "features" else "text_encoder"] = a.encoder
+    return FeaturesPlan.from_config({"features": features})
 
 
 def _cmd_features(a: argparse.Namespace) -> int:
     import torch
 
+    from mrplip_core import __version__
     from mrplip_core.features.image import extract_image_features
-
-    settings = _settings(a)
-    if a.encoder:
-        settings = replace(settings, image_encoder=a.encoder)
-    torch.set_num_threads(max(1, a.threads))
-    s = extract_image_features(a.slide_id, a.manifest, a.record, a.out, settings, threads=a.threads)
-    if s["status"] == "ok":
-        print(f"{a.slide_id}: {s['n_patches']} patches, groups {s['groups']}, encoder {s['encoder']} "
-              f"(weights {s['weights']}), {s['device']} {s['precision']}, {s['images_per_s']} img/s, "
-              f"loader wait {s['loader_wait_s']} s of {s['elapsed_s']} s -> {a.out}")
-    else:
-        print(f"{a.slide_id}: {s['status'].upper()}, recorded in {a.out}: {s['error']}", file=sys.stderr)
-    return 0
-
-
-def _cmd_features_shard(a: argparse.Namespace) -> int:
-    import torch
-
     from mrplip_core.features.shard import extract_image_shard
+    from mrplip_core.layout import Layout
 
-    settings = _settings(a)
-    if a.encoder:
-        settings = replace(settings, image_encoder=a.encoder)
+    plan = _plan(a)
+    layout = Layout(a.results)
     torch.set_num_threads(max(1, a.threads))
-    for s in extract_image_shard(a.slides, a.results, settings, trigger=a.trigger, threads=a.threads):
-        print(f"{s['slide_id']}: {s['status']}" + (f", {s['n_patches']} patches, {s.get('images_per_s')} img/s"
-                                                  if s["status"] == "ok" else f" {s.get('error') or s.get('part', '')}"))
+    if len(a.slide_ids) > 1:  # a shard: one encoder, one DataLoader, finished slides kept as parts
+        trigger = json.dumps({"features": plan.image_trigger, "version": __version__})
+        for s in extract_image_shard(a.slide_ids, layout, plan.settings, trigger=trigger, threads=a.threads):
+            print(f"{s['slide_id']}: {s['status']}" + (f", {s['n_patches']} patches, {s.get('images_per_s')} img/s"
+                                                      if s["status"] == "ok" else f" {s.get('error') or s.get('part', '')}"))
+        return 0
+    sid = a.slide_ids[0]
+    out = layout.image_features(plan.image_encoder, sid)
+    s = extract_image_features(sid, layout.tiles(sid), layout.slide_record(sid), out, plan.settings, threads=a.threads)
+    if s["status"] == "ok":
+        print(f"{sid}: {s['n_patches']} patches, groups {s['groups']}, encoder {s['encoder']} "
+              f"(weights {s['weights']}), {s['device']} {s['precision']}, {s['images_per_s']} img/s, "
+              f"loader wait {s['loader_wait_s']} s of {s['elapsed_s']} s -> {out}")
+    else:
+        print(f"{sid}: {s['status'].upper()}, recorded in {out}: {s['error']}", file=sys.stderr)
     return 0
 
 
 def _cmd_text_features(a: argparse.Namespace) -> int:
     import torch
 
+    from mrplip_core.encoders import get_spec
+    from mrplip_core.encoders.text import load_text_encoder
     from mrplip_core.features.text import extract_text_features
+    from mrplip_core.layout import Layout
 
-    settings = _settings(a)
-    if a.encoder:
-        settings = replace(settings, text_encoder=a.encoder)
+    settings = _plan(a).settings
+    layout = Layout(a.results)
     torch.set_num_threads(max(1, a.threads))
-    s = extract_text_features(a.slide_id, a.captions, a.keywords, a.out, settings)
-    print(f"{a.slide_id}: {s['n_keywords']} keywords ({s['n_distinct_keywords']} distinct), "
-          f"{s['n_captions']} captions ({s['n_truncated_captions']} truncated), encoder {s['encoder']} -> {a.out}")
+    spec = get_spec(settings.text_encoder)
+    encoder = load_text_encoder(spec, settings.weights_for(spec.name, spec.weights_key),
+                                allow_random_init=settings.allow_random_init)  # once for all the job's slides
+    for sid in a.slide_ids:
+        out = layout.text_features(settings.text_encoder, sid)
+        s = extract_text_features(sid, layout.captions(sid), layout.keywords(sid), out, settings, encoder=encoder)
+        print(f"{sid}: {s['n_keywords']} keywords ({s['n_distinct_keywords']} distinct), "
+              f"{s['n_captions']} captions ({s['n_truncated_captions']} truncated), encoder {s['encoder']} -> {out}")
     return 0
 
 
@@ -83,36 +88,23 @@ def _cmd_encoders(a: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the features-stage verbs to the ``mrplip`` sub-command parser ``sub``."""
-    s = sub.add_parser("features", help="image features of one slide's patches into HDF5")
-    s.add_argument("--slide-id", required=True)
-    s.add_argument("--manifest", required=True, help="results/tiles/{slide}.parquet")
-    s.add_argument("--record", required=True, help="results/slides/{slide}.json")
-    s.add_argument("--out", required=True, help="results/features/{encoder}/{slide}.h5")
+    settings_help = "JSON of the config sections the stage uses: {\"features\": {...}, \"failures_fatal\": false}"
+    s = sub.add_parser("features", help="image features of slides' patches into HDF5 (several slides: encoder "
+                                        "loaded once, finished slides kept for a rerun)")
+    s.add_argument("slide_ids", nargs="+", metavar="SLIDE_ID",
+                   help="reads {results}/tiles/{slide}.parquet and slides/{slide}.json")
+    s.add_argument("--results", default="results", help="the workflow's results folder")
     s.add_argument("--encoder", default=None, help="registry name (default: features.image_encoder)")
-    s.add_argument("--settings", default="", help="JSON of the config's features section "
-                   "(or {features: ..., failures_fatal: ...})")
+    s.add_argument("--settings", default="", help=settings_help)
     s.add_argument("--threads", type=int, default=1, help="cores of this job (default DataLoader workers)")
     s.set_defaults(func=_cmd_features)
 
-    s = sub.add_parser("features-shard", help="image features of several slides, the encoder loaded once")
-    s.add_argument("slides", nargs="+", help="slide ids (results/tiles/{slide}.parquet, results/slides/{slide}.json)")
-    s.add_argument("--results", default="results")
-    s.add_argument("--encoder", default=None, help="registry name (default: features.image_encoder)")
-    s.add_argument("--trigger", required=True,
-                   help="what changes a feature (the rule's rerun trigger): finished slides of a killed run "
-                        "are reused only under the same trigger")
-    s.add_argument("--settings", default="", help="JSON of the config's features section "
-                   "(or {features: ..., failures_fatal: ...})")
-    s.add_argument("--threads", type=int, default=1, help="cores of this job (default DataLoader workers)")
-    s.set_defaults(func=_cmd_features_shard)
-
-    s = sub.add_parser("text-features", help="keyword and caption features of one slide into HDF5")
-    s.add_argument("--slide-id", required=True)
-    s.add_argument("--captions", required=True, help="results/captions/{slide}.parquet")
-    s.add_argument("--keywords", required=True, help="results/keywords/{slide}.parquet")
-    s.add_argument("--out", required=True, help="results/text_features/{encoder}/{slide}.h5")
+    s = sub.add_parser("text-features", help="keyword and caption features of slides into HDF5")
+    s.add_argument("slide_ids", nargs="+", metavar="SLIDE_ID",
+                   help="reads {results}/captions/{slide}.parquet and keywords/{slide}.parquet")
+    s.add_argument("--results", default="results", help="the workflow's results folder")
     s.add_argument("--encoder", default=None, help="registry name (default: features.text_encoder)")
-    s.add_argument("--settings", default="", help="JSON of the config's features section")
+    s.add_argument("--settings", default="", help=settings_help)
     s.add_argument("--threads", type=int, default=1)
     s.set_defaults(func=_cmd_text_features)
 

@@ -25,6 +25,7 @@ import h5py
 
 from mrplip_core.encoders import get_spec
 from mrplip_core.features.settings import FeatureSettings
+from mrplip_core.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,9 @@ def _fresh(part: Path, *inputs: Path) -> bool:
         return False
 
 
-def _drop_stale_parts(folder: Path, key: str, slide_ids: Sequence[str]) -> None:
+def _drop_stale_parts(root: Path, key: str, slide_ids: Sequence[str]) -> None:
     """Remove these slides' parts made under other settings (they would only hold disk space:
     the outputs now link to the current ones)."""
-    root = folder / PARTS
     for other in root.iterdir() if root.is_dir() else ():
         if other.name == key or not other.is_dir():
             continue
@@ -76,7 +76,7 @@ def _drop_stale_parts(folder: Path, key: str, slide_ids: Sequence[str]) -> None:
             other.rmdir()  # only when empty
 
 
-def extract_image_shard(slide_ids: Sequence[str], results: str | Path, settings: FeatureSettings, *,
+def extract_image_shard(slide_ids: Sequence[str], results: str | Path | Layout, settings: FeatureSettings, *,
                         trigger: str, threads: int | None = None) -> list[dict[str, Any]]:
     """Features of ``slide_ids`` with ``settings.image_encoder`` built once, through one DataLoader.
 
@@ -88,18 +88,17 @@ def extract_image_shard(slide_ids: Sequence[str], results: str | Path, settings:
     from mrplip_core.encoders.image import load_image_encoder
     from mrplip_core.features.image import SlideJob, extract_image_slides
 
-    results = Path(results)
+    layout = results if isinstance(results, Layout) else Layout(results)
     name = settings.image_encoder
-    folder = results / "features" / name
     key = parts_key(trigger)
-    parts = folder / PARTS / key
+    parts = layout.image_features_parts(name) / key
     summaries: dict[str, dict[str, Any]] = {}
     todo = []
     for sid in slide_ids:
         part = parts / f"{sid}.h5"
-        manifest, record = results / "tiles" / f"{sid}.parquet", results / "slides" / f"{sid}.json"
+        manifest, record = layout.tiles(sid), layout.slide_record(sid)
         if _fresh(part, manifest, record):
-            _publish(part, folder / f"{sid}.h5")
+            _publish(part, layout.image_features(name, sid))
             summaries[sid] = {"slide_id": sid, "status": "reused", "part": str(part)}
             log.info("%s: finished by an earlier run of this shard (%s)", sid, part)
         else:
@@ -110,7 +109,7 @@ def extract_image_shard(slide_ids: Sequence[str], results: str | Path, settings:
                                      allow_random_init=settings.allow_random_init)
         parts.mkdir(parents=True, exist_ok=True)
         done = extract_image_slides(todo, settings, encoder=encoder, threads=threads,
-                                    on_done=lambda job, _: _publish(job.out, folder / f"{job.slide_id}.h5"))
+                                    on_done=lambda job, _: _publish(job.out, layout.image_features(name, job.slide_id)))
         summaries.update({s["slide_id"]: s for s in done})
-    _drop_stale_parts(folder, key, slide_ids)
+    _drop_stale_parts(layout.image_features_parts(name), key, slide_ids)
     return [summaries[sid] for sid in slide_ids]

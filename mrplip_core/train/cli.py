@@ -18,10 +18,12 @@ import sys
 
 def _cmd_pretrain(a: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from mrplip_core.jobs import read_sections
     from mrplip_core.train.config import load_config
 
     try:
-        config = load_config(a.config, a.settings, a.set or [])
+        section = read_sections(a.settings, "pretrain", verb="pretrain")["pretrain"] if a.settings else None
+        config = load_config(a.config, json.dumps(section) if section else None, a.set or [])
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"mrplip pretrain: invalid config: {exc}", file=sys.stderr)
         return 2
@@ -46,7 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``pretrain`` verb to the ``mrplip`` command's subparsers."""
     s = sub.add_parser("pretrain", help="MR-PLIP pretraining over feature files (run under torchrun for DDP)")
     s.add_argument("--config", default=None, help="YAML file with a pretrain: section (e.g. config.yaml or a run's config.yaml)")
-    s.add_argument("--settings", default=None, help="JSON of the pretrain section (the Snakemake rule passes this)")
+    s.add_argument("--settings", default=None, help="JSON of the config sections the stage uses: {\"pretrain\": {...}} (the Snakemake rule passes "
+                        "the run's resolved section)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.steps=100 (repeatable)")
     s.add_argument("--run-dir", default=None, help="output folder (default RESULTS/pretrain/RUN)")
     s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mrplip_core.data import BagDataset, BagStreamSampler, build_bag_index, make_loader
 from mrplip_core.data.dataset import item_seed
 from mrplip_core.io.atomic import write_parquet
+from mrplip_core.layout import Layout
 from mrplip_core.losses import TERMS, MRPLIPLoss
 from mrplip_core.model import ModelDims, MRPLIPModel, build_text_encoder, load_tokenizer, save_export
 from mrplip_core.model.export import TOKENIZER
@@ -52,7 +53,7 @@ class Components:
 
 
 def default_run_dir(config: PretrainConfig) -> Path:
-    return Path(config.data.results) / "pretrain" / config.run
+    return Layout(config.data.results).run_dir(config.run)
 
 
 def build_components(config: PretrainConfig, index: pd.DataFrame) -> Components:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from mrplip_core.io.atomic import write_parquet
+from mrplip_core.layout import Layout
 from mrplip_core.wsi.slide import Slide
 from mrplip_core.wsi.table import read_slide_table
 
@@ -54,15 +55,20 @@ def collect_slide_records(table: str | Path, records_dir: str | Path, out: str |
     return df
 
 
-def read_patch_image(results: Path, slide_id: str, patch_id: str) -> np.ndarray:
-    """Read one patch exactly as the pipeline defines it: RGB uint8 (patch_px x patch_px)."""
-    manifest = results / "tiles" / f"{slide_id}.parquet"
+def read_patch_image(results: str | Path | Layout, slide_id: str, patch_id: str) -> np.ndarray:
+    """Read one patch exactly as the pipeline defines it: RGB uint8 (patch_px x patch_px).
+
+    ``results``: the results folder (or its :class:`~mrplip_core.layout.Layout`) holding the
+    slide's tile manifest and record.
+    """
+    layout = results if isinstance(results, Layout) else Layout(results)
+    manifest = layout.tiles(slide_id)
     if not manifest.exists():
         raise FileNotFoundError(f"no tile manifest for slide {slide_id!r}: {manifest}")
     df = pd.read_parquet(manifest, filters=[("patch_id", "==", patch_id)])
     if df.empty:
         raise KeyError(f"patch {patch_id!r} not in {manifest}")
     row = df.iloc[0]
-    rec = read_record(results / "slides", slide_id)
+    rec = read_record(layout.slide_records, slide_id)
     with Slide(rec["path"], slide_id, mpp=rec["mpp"]) as slide:
         return slide.read_region(int(row.x), int(row.y), int(row["size"]), int(row.patch_px), level=int(row.read_level))

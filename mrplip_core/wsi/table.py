@@ -53,10 +53,3 @@ def read_slide_table(path: str | Path) -> pd.DataFrame:
     return df.set_index("slide_id", drop=False)
 
 
-def shard_slides(slide_ids: list[str], slides_per_job: int) -> list[list[str]]:
-    """Contiguous groups of ``slides_per_job`` slides, in slide-table order.
-
-    Contiguous, so appending slides to the table changes only the last shard.
-    """
-    n = max(1, int(slides_per_job))
-    return [slide_ids[i : i + n] for i in range(0, len(slide_ids), n)]

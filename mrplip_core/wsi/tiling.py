@@ -53,6 +53,17 @@ class TilesSettings:
     tiling: TilingParams = field(default_factory=TilingParams)
 
     @classmethod
+    def from_sections(cls, sections: dict[str, Any]) -> TilesSettings:
+        """From the config sections ``wsi``, ``mpp_fallback``, ``failures_fatal``, ``tissue`` and
+        ``tiling`` (absent or None: defaults). ``wsi.slides_per_job`` is the plan's, not a tile's."""
+        wsi = {k: v for k, v in (sections.get("wsi") or {}).items() if k != "slides_per_job"}
+        flat = {**wsi, "tissue": sections.get("tissue") or {}, "tiling": sections.get("tiling") or {}}
+        for key in ("mpp_fallback", "failures_fatal"):
+            if sections.get(key) is not None:
+                flat[key] = sections[key]
+        return cls.from_dict(flat)
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TilesSettings:
         """Build from the config's plain dict; unknown keys are an error naming them."""
         def make(kind: type, values: dict[str, Any], where: str) -> Any:
