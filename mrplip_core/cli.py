@@ -121,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     from mrplip_core.captions import cli as captions_cli
     from mrplip_core.evaluation import cli as evaluation_cli
     from mrplip_core.features import cli as features_cli
+    from mrplip_core.report import cli as report_cli
     from mrplip_core.train import cli as train_cli
 
-    for stage in (captions_cli, features_cli, train_cli, evaluation_cli):
+    for stage in (captions_cli, features_cli, train_cli, evaluation_cli, report_cli):
         stage.register(sub)
     return p
 
