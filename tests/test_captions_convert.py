@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from mrplip_core.captions.convert_llava import ConversionError, convert_llava
-from mrplip_core.captions.llava_tiny import build_tiny_original
+from mrplip_core.testing.tiny_llava import build_tiny_original
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

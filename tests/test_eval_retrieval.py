@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mrplip_core.data.index import slide_split
-from mrplip_core.data.synthetic import tiny_pretrain_settings, write_synthetic_corpus, write_synthetic_tokenizer
+from mrplip_core.testing.synthetic_corpus import tiny_pretrain_settings, write_synthetic_corpus, write_synthetic_tokenizer
 from mrplip_core.cli import main
 from mrplip_core.evaluation.retrieval import held_out_slides, retrieval_pairs
 from mrplip_core.evaluation.run import run_retrieval

@@ -19,7 +19,7 @@ from mrplip_core.evaluation.datasets import TileDataset
 from mrplip_core.evaluation.prompts import PromptSet
 from mrplip_core.evaluation.run import evaluate_dataset, run_retrieval, write_summary
 from mrplip_core.evaluation.settings import DatasetSpec, EvaluationSettings
-from mrplip_core.evaluation.toy import MeanColourEmbedder, colour_prompts, write_colour_tiles
+from mrplip_core.testing.known_answers import MeanColourEmbedder, colour_prompts, write_colour_tiles
 from mrplip_core.report import SECTIONS, build_report
 from mrplip_core.wsi.records import collect_slide_records
 from mrplip_core.wsi.synthetic import write_synthetic_slide

@@ -51,19 +51,8 @@ def _cmd_convert_llava(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_build_tiny_llava(a: argparse.Namespace) -> int:
-    from mrplip_core.captions.llava_tiny import build_tiny_hf, build_tiny_original
-
-    if a.format == "original":
-        out = build_tiny_original(a.dst, seed=a.seed)
-    else:
-        out = build_tiny_hf(a.dst, seed=a.seed)
-    print(f"tiny random-weight LLaVA ({a.format} format) -> {out}")
-    return 0
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``captions``, ``keywords``, ``convert-llava`` and ``build-tiny-llava``."""
+    """Add ``captions``, ``keywords`` and ``convert-llava``."""
     s = sub.add_parser("captions", help="caption the patches of one slide or a shard of slides (resumable)")
     s.add_argument("slide_ids", nargs="+", metavar="SLIDE_ID")
     s.add_argument("--results", default="results", help="results folder (reads tiles/, slides/; writes captions/)")
@@ -88,10 +77,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--chat-template", default=None, help="Jinja chat template file (default: LLaVA-1.5 vicuna_v1)")
     s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     s.set_defaults(func=_cmd_convert_llava)
-
-    s = sub.add_parser("build-tiny-llava", help="a tiny random-weight LLaVA for tests (offline)")
-    s.add_argument("dst")
-    s.add_argument("--format", choices=["hf", "original"], default="hf",
-                   help="hf: servable folder (built as original, then converted); original: release format")
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_cmd_build_tiny_llava)
