@@ -188,7 +188,7 @@ def build_tiny_original(dst: str | Path, *, vision_tower: str | None = None, emb
 
 def build_tiny_hf(dst: str | Path, *, workdir: str | Path | None = None, seed: int = 0) -> Path:
     """A tiny HF-format LLaVA: :func:`build_tiny_original`, then ``convert_llava`` into ``dst``."""
-    from mrplip_core.captions.convert_llava import convert_llava
+    from mrplip_core.convert_llava import convert_llava
 
     dst = Path(dst)
     src = Path(workdir) if workdir else dst.with_name(dst.name + "-original")
