@@ -146,7 +146,7 @@ def main() -> int:
         if base_url is None:
             model = a.model
             if model is None:
-                from mrplip_core.captions.llava_tiny import build_tiny_hf
+                from mrplip_core.testing.tiny_llava import build_tiny_hf
 
                 model = str(build_tiny_hf(work / "tiny-quilt-llava"))
             (work / "tmp").mkdir(parents=True)  # short: ZeroMQ IPC paths must fit in 107 characters

@@ -61,7 +61,7 @@ PRESETS = {
 
 
 def build_corpus(root: Path, spec: dict) -> Path:
-    from mrplip_core.data.synthetic import write_synthetic_corpus
+    from mrplip_core.testing.synthetic_corpus import write_synthetic_corpus
 
     slides = [(f"bench_{i:03d}", 40.0 if i % 4 else 20.0) for i in range(spec["slides"])]
     return write_synthetic_corpus(root, slides=slides, bags_per_slide=spec["bags_per_slide"], image_dim=spec["image_dim"],
@@ -85,7 +85,7 @@ def main() -> int:
     preset = a.preset or ("paper" if torch.cuda.is_available() else "cpu")
     spec = PRESETS[preset]
 
-    from mrplip_core.data.synthetic import write_synthetic_tokenizer  # noqa: F401  (import check)
+    from mrplip_core.testing.synthetic_corpus import write_synthetic_tokenizer  # noqa: F401  (import check)
     from mrplip_core.train import PretrainConfig, pretrain
     from mrplip_core.train.config import deep_merge
 

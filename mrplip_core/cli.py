@@ -132,11 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     # later stages register their own verbs (their modules import heavy libraries lazily)
     from mrplip_core.captions import cli as captions_cli
+    from mrplip_core.convert_llava import cli as convert_llava_cli
     from mrplip_core.evaluation import cli as evaluation_cli
     from mrplip_core.features import cli as features_cli
+    from mrplip_core.report import cli as report_cli
     from mrplip_core.train import cli as train_cli
 
-    for stage in (captions_cli, features_cli, train_cli, evaluation_cli):
+    for stage in (captions_cli, convert_llava_cli, features_cli, train_cli, evaluation_cli, report_cli):
         stage.register(sub)
     return p
 

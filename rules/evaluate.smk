@@ -124,7 +124,7 @@ rule html_report:
         mem_mb=per_attempt(4000),
         runtime=per_attempt(30),
     shell:
-        "{MRPLIP} report --results {LAYOUT.root} --out {LAYOUT.report_dir} --runs {params.runs:q} --baselines {params.baselines:q}"
+        "{MRPLIP} report --results {LAYOUT.root} --runs {params.runs:q} --baselines {params.baselines:q}"
         " --settings {EVAL_SETTINGS_ARG} > {log} 2>&1"
 
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from mrplip_core.captions.convert_llava import ConversionError, convert_llava
-from mrplip_core.captions.llava_tiny import build_tiny_original
+from mrplip_core.convert_llava import ConversionError, convert_llava
+from mrplip_core.testing.tiny_llava import build_tiny_original
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -131,6 +131,19 @@ def test_loads_strictly_and_computes_the_original_model(original, converted):
                 break
             seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
     assert new[: len(mine)] == mine
+
+
+def test_weights_beyond_the_shard_size_are_written_in_shards_with_an_index(original, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    dst = tmp_path / "sharded"
+    report = convert_llava(original, dst, max_shard_bytes=200_000)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and all(f.endswith(f"-of-{len(files):05d}.safetensors") and (dst / f).exists() for f in files)
+    assert len(index["weight_map"]) == report.mapped and not (dst / "model.safetensors").exists()
+    _, info = LlavaForConditionalGeneration.from_pretrained(dst, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
 
 
 def test_embedded_vision_tower_weights_take_precedence(tmp_path):

@@ -55,7 +55,7 @@ def venv() -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from mrplip_core.captions.llava_tiny import build_tiny_hf
+    from mrplip_core.testing.tiny_llava import build_tiny_hf
 
     return build_tiny_hf(tmp_path_factory.mktemp("model") / "tiny-quilt-llava")
 

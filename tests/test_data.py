@@ -22,8 +22,8 @@ from mrplip_core.data import (
     sample_bag,
     slide_split,
 )
-from mrplip_core.data.synthetic import write_synthetic_corpus
-from mrplip_core.losses import IGNORE_INDEX
+from mrplip_core.data.lm_inputs import IGNORE_INDEX
+from mrplip_core.testing.synthetic_corpus import write_synthetic_corpus
 from mrplip_core.model import load_tokenizer
 from mrplip_core.wsi.hierarchy import MANIFEST_COLUMNS
 

@@ -19,7 +19,7 @@ from mrplip_core.evaluation.datasets import TileDataset
 from mrplip_core.evaluation.prompts import PromptSet
 from mrplip_core.evaluation.run import evaluate_dataset
 from mrplip_core.evaluation.settings import DatasetSpec, EvaluationSettings
-from mrplip_core.evaluation.toy import MeanColourEmbedder, colour_prompts, write_colour_tiles
+from mrplip_core.testing.known_answers import MeanColourEmbedder, colour_prompts, write_colour_tiles
 
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
 CHANCE = 1 / len(COLOURS)

@@ -36,7 +36,7 @@ from mrplip_core.evaluation.embedders import (  # noqa: E402
 )
 from mrplip_core.evaluation.settings import EvaluationSettings  # noqa: E402
 from mrplip_core.evaluation.tile_features import read_tile_features  # noqa: E402
-from mrplip_core.evaluation.toy import write_untrained_run  # noqa: E402
+from mrplip_core.testing.known_answers import write_untrained_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("frozen-tiny-vit-random", "untrained")

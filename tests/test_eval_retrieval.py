@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mrplip_core.data.index import slide_split
-from mrplip_core.data.synthetic import tiny_pretrain_settings, write_synthetic_corpus, write_synthetic_tokenizer
+from mrplip_core.testing.synthetic_corpus import tiny_pretrain_settings, write_synthetic_corpus, write_synthetic_tokenizer
 from mrplip_core.cli import main
 from mrplip_core.evaluation.retrieval import held_out_slides, retrieval_pairs
 from mrplip_core.evaluation.run import run_retrieval
@@ -43,7 +43,7 @@ def test_held_out_slides_are_the_runs_validation_split(trained: Path) -> None:
 
 
 def test_trained_model_retrieves_held_out_pairs_far_above_chance(trained: Path) -> None:
-    settings = json.dumps({"evaluation": {"retrieval": {"max_pairs": 400, "ks": [1, 5]}}})
+    settings = json.dumps({"evaluation": {"retrieval": {"max_pairs": 400, "ks": [1, 5]}}, "features": {}})
     out = trained / "eval" / "tiny" / "retrieval"
     assert main(["evaluate-retrieval", "--model", "tiny", "--results", str(trained), "--settings", settings,
                  "--threads", "1"]) == 0

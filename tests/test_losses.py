@@ -15,9 +15,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mrplip_core.data.lm_inputs import IGNORE_INDEX, make_prefix_lm_batch, mask_tokens
 from mrplip_core.losses import (
     DEFAULT_CONFIG,
-    IGNORE_INDEX,
     CVTALoss,
     ITCLoss,
     ITMLoss,
@@ -27,14 +27,12 @@ from mrplip_core.losses import (
     MRTVALoss,
     PLMLoss,
     cosine_similarity_matrix,
-    make_prefix_lm_batch,
-    mask_tokens,
     negative_cosine,
     parent_child_pairs,
-    prefix_lm_attention_mask,
     sample_hard_negatives,
     select_topk_keywords,
 )
+from mrplip_core.model.layers import prefix_lm_attention_mask
 
 # float(loss) on a tensor that still requires grad is what these tests do on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True")

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrplip_core.losses import IGNORE_INDEX, MRPLIPLoss, make_prefix_lm_batch, mask_tokens
+from mrplip_core.data.lm_inputs import IGNORE_INDEX, make_prefix_lm_batch, mask_tokens
+from mrplip_core.losses import MRPLIPLoss
 from mrplip_core.model import (
     ALL_HEADS,
     ModelDims,

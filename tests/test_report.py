@@ -19,7 +19,7 @@ from mrplip_core.evaluation.datasets import TileDataset
 from mrplip_core.evaluation.prompts import PromptSet
 from mrplip_core.evaluation.run import evaluate_dataset, run_retrieval, write_summary
 from mrplip_core.evaluation.settings import DatasetSpec, EvaluationSettings
-from mrplip_core.evaluation.toy import MeanColourEmbedder, colour_prompts, write_colour_tiles
+from mrplip_core.testing.known_answers import MeanColourEmbedder, colour_prompts, write_colour_tiles
 from mrplip_core.report import SECTIONS, build_report
 from mrplip_core.wsi.records import collect_slide_records
 from mrplip_core.wsi.synthetic import write_synthetic_slide
@@ -132,3 +132,14 @@ def test_a_broken_input_breaks_only_its_section(results: Path, tmp_path: Path) -
     html = build_report(broken, tmp_path / "report").read_text()
     assert html.count('class="error"') == 1 and "could not be built" in html
     assert "purple nuclei in red stroma" in html and "img/loss_demo-run.png" in html
+
+
+def test_the_report_verb_takes_the_rules_command_line(results: Path, tmp_path: Path, capsys) -> None:
+    from mrplip_core.cli import main
+
+    settings = json.dumps({"evaluation": {"report": {"sample_bags": 1, "thumbnail_px": 96}}, "features": {}})
+    out = tmp_path / "report"
+    assert main(["report", "--results", str(results), "--out", str(out), "--runs", "demo-run", "--baselines", "",
+                 "--settings", settings]) == 0
+    html = (out / "index.html").read_text()
+    assert "img/loss_demo-run.png" in html and f"report -> {out / 'index.html'}" in capsys.readouterr().out

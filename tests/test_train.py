@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mrplip_core.data.synthetic import tiny_pretrain_settings, write_synthetic_corpus, write_synthetic_tokenizer
+from mrplip_core.testing.synthetic_corpus import tiny_pretrain_settings, write_synthetic_corpus, write_synthetic_tokenizer
 from mrplip_core.model import load
 from mrplip_core.train import PretrainConfig, load_config, pretrain
 from mrplip_core.train.checkpoint import latest_checkpoint
@@ -156,7 +156,7 @@ def test_config_resolution_and_errors(corpus, tmp_path):
 
 
 def test_cli_prints_and_rejects_configs(corpus, capsys):
-    from mrplip_core.train.cli import main
+    from mrplip_core.cli import main
 
     results, tokenizer = corpus
     settings = json.dumps({"pretrain": tiny_pretrain_settings(results, tokenizer)})

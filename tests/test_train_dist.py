@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mrplip_core.data.synthetic import tiny_pretrain_settings, write_synthetic_corpus, write_synthetic_tokenizer
+from mrplip_core.testing.synthetic_corpus import tiny_pretrain_settings, write_synthetic_corpus, write_synthetic_tokenizer
 from mrplip_core.train import PretrainConfig, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "mrplip_core.train.cli", "pretrain", "--settings", json.dumps({"pretrain": two}), "--run-dir", str(tmp_path / "ddp")],
+         "-m", "mrplip_core", "pretrain", "--settings", json.dumps({"pretrain": two}), "--run-dir", str(tmp_path / "ddp")],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     # the single-process reference runs here while torchrun starts its two processes

@@ -8,7 +8,7 @@ Artifacts (one file per slide, written atomically):
 Backends (``captions.backend`` in the config):
 
 - ``openai``: any OpenAI-compatible chat-completions endpoint, normally a vLLM server with
-  Quilt-LLaVA (converted by :mod:`~mrplip_core.captions.convert_llava`), either started by
+  Quilt-LLaVA (converted by :mod:`mrplip_core.convert_llava`), either started by
   the job itself or one the user already runs (:mod:`~mrplip_core.captions.openai_backend`);
 - ``transformers``: in-process ``generate()`` of an HF LLaVA model directory
   (:mod:`~mrplip_core.captions.transformers_backend`);

@@ -1,4 +1,4 @@
-"""The captioner interface, the ``morphology`` backend, and :func:`make_backend`.
+"""The captioner interface and the ``morphology`` backend.
 
 A backend is a context manager (it may load a model or start a server on entry) with a
 ``run(tasks, reader, emit)`` method: it captions every task, calling ``emit`` once per task
@@ -6,6 +6,10 @@ A backend is a context manager (it may load a model or start a server on entry) 
 could not caption is emitted with ``error`` set. A backend may raise instead (for example
 when its server is gone); tasks not yet emitted are then simply still pending, and the
 runner keeps everything emitted so far.
+
+The language-model backends (:mod:`~mrplip_core.captions.openai_backend`,
+:mod:`~mrplip_core.captions.transformers_backend`) build on this module;
+:func:`mrplip_core.captions.backend_factory.make_backend` picks one by name.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Protocol
 
 from mrplip_core.captions import morphology
@@ -95,18 +98,3 @@ class MorphologyBackend:
                     emit(CaptionResult(task, fut.result()))
                 except Exception as exc:  # noqa: BLE001 - a patch that cannot be read is recorded
                     emit(CaptionResult(task, None, f"{type(exc).__name__}: {exc}"))
-
-
-def make_backend(settings: CaptionSettings, log_dir: str | Path | None = None) -> Captioner:
-    """The backend named by ``settings.backend`` (not yet entered)."""
-    if settings.backend == "morphology":
-        return MorphologyBackend(settings)
-    if settings.backend == "openai":
-        from mrplip_core.captions.openai_backend import OpenAIBackend
-
-        return OpenAIBackend(settings, log_dir=log_dir)
-    if settings.backend == "transformers":
-        from mrplip_core.captions.transformers_backend import TransformersBackend
-
-        return TransformersBackend(settings)
-    raise ValueError(f"unknown captions.backend {settings.backend!r}")

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 
 def _logging() -> None:
@@ -47,34 +46,8 @@ def _cmd_keywords(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_convert_llava(a: argparse.Namespace) -> int:
-    from mrplip_core.captions.convert_llava import ConversionError, convert_llava
-
-    template = Path(a.chat_template).read_text() if a.chat_template else None
-    try:
-        report = convert_llava(a.src, a.dst, vision_tower=a.vision_tower, dtype=a.dtype,
-                               pad_vocab_multiple=a.pad_vocab_multiple, chat_template=template,
-                               overwrite=a.overwrite)
-    except ConversionError as exc:
-        print(f"mrplip convert-llava: cannot convert {a.src}: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(report.to_dict(), indent=1))
-    return 0
-
-
-def _cmd_build_tiny_llava(a: argparse.Namespace) -> int:
-    from mrplip_core.captions.llava_tiny import build_tiny_hf, build_tiny_original
-
-    if a.format == "original":
-        out = build_tiny_original(a.dst, seed=a.seed)
-    else:
-        out = build_tiny_hf(a.dst, seed=a.seed)
-    print(f"tiny random-weight LLaVA ({a.format} format) -> {out}")
-    return 0
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``captions``, ``keywords``, ``convert-llava`` and ``build-tiny-llava``."""
+    """Add ``captions`` and ``keywords``."""
     s = sub.add_parser("captions", help="caption the patches of one slide or a shard of slides (resumable)")
     s.add_argument("slide_ids", nargs="+", metavar="SLIDE_ID")
     s.add_argument("--results", default="results", help="results folder (reads tiles/, slides/; writes captions/)")
@@ -87,21 +60,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--results", default="results", help="results folder (reads captions/, tiles/; writes keywords/)")
     s.add_argument("--settings", default=None, help="JSON of the config sections the stage uses: {\"captions\": {...}}")
     s.set_defaults(func=_cmd_keywords)
-
-    s = sub.add_parser("convert-llava", help="original-format LLaVA (Quilt-LLaVA) -> HF LlavaForConditionalGeneration")
-    s.add_argument("src", help="original checkpoint folder (config.json with mm_vision_tower, weights)")
-    s.add_argument("dst", help="output folder (HF format, servable by vLLM)")
-    s.add_argument("--vision-tower", default=None, help="local HF CLIP folder, when mm_vision_tower is a hub id")
-    s.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
-                   help="output dtype (default: the checkpoint's)")
-    s.add_argument("--pad-vocab-multiple", type=int, default=64, help="pad the vocabulary to a multiple of this")
-    s.add_argument("--chat-template", default=None, help="Jinja chat template file (default: LLaVA-1.5 vicuna_v1)")
-    s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    s.set_defaults(func=_cmd_convert_llava)
-
-    s = sub.add_parser("build-tiny-llava", help="a tiny random-weight LLaVA for tests (offline)")
-    s.add_argument("dst")
-    s.add_argument("--format", choices=["hf", "original"], default="hf",
-                   help="hf: servable folder (built as original, then converted); original: release format")
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_cmd_build_tiny_llava)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mrplip_core.captions.backends import CaptionResult, Captioner, make_backend
+from mrplip_core.captions.backend_factory import make_backend
+from mrplip_core.captions.backends import CaptionResult, Captioner
 from mrplip_core.captions.parts import PartWriter, finalize, parts_dir, read_parts, settled_patch_ids
 from mrplip_core.captions.patches import PatchTask, SlideReader, load_manifest, tasks_from_manifest
 from mrplip_core.captions.progress import Progress

@@ -38,10 +38,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mrplip_core.data.sampling import sample_bag
+from mrplip_core.data.lm_inputs import IGNORE_INDEX, make_prefix_lm_batch, mask_tokens
 from mrplip_core.data.settings import DataSettings
 from mrplip_core.data.slide import SlideStore
-from mrplip_core.losses.mlm import IGNORE_INDEX, mask_tokens
-from mrplip_core.losses.plm import make_prefix_lm_batch
 
 
 @dataclass(frozen=True)
@@ -78,9 +77,9 @@ class BagDataset(Dataset):
     tokenizer: a Hugging Face tokenizer (fast or slow) for the captions.
     seed: base seed of the per-item draws.
     store: the slide store to read through (default: a new one on ``settings``).
-    mlm: keyword arguments of :func:`mrplip_core.losses.mask_tokens` (the ``loss.mlm``
+    mlm: keyword arguments of :func:`mrplip_core.data.lm_inputs.mask_tokens` (the ``loss.mlm``
         section: mask_prob, mask_token_frac, random_token_frac).
-    plm: keyword arguments of :func:`mrplip_core.losses.make_prefix_lm_batch` (the
+    plm: keyword arguments of :func:`mrplip_core.data.lm_inputs.make_prefix_lm_batch` (the
         ``loss.plm`` section: min_prefix).
     """
 

@@ -11,7 +11,7 @@
 Embedders follow the :class:`ImageTextEmbedder` protocol (``embed_images(images, mpp)``,
 ``embed_texts(texts)``): :class:`MRPLIPEmbedder` (frozen encoder + pretrained MR-PLIP),
 :class:`FrozenEncoderEmbedder` (baseline, no text side), and the known-answer embedders of
-:mod:`mrplip_core.evaluation.toy`. Torch-using parts are imported on first use.
+:mod:`mrplip_core.testing.known_answers`. Torch-using parts are imported on first use.
 """
 
 from __future__ import annotations

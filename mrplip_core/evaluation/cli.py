@@ -4,7 +4,6 @@
     mrplip evaluate --model frozen-uni --dataset nct_crc --settings JSON --out results/eval/frozen-uni/nct_crc
     mrplip evaluate-retrieval --model myrun --settings JSON --out results/eval/myrun/retrieval
     mrplip eval-summary --out results/eval/summary.csv results/eval/*/*/metrics.json
-    mrplip report --settings JSON --results results --out results/report
 
 ``--settings`` is JSON of ``{"evaluation": ..., "features": ...}`` (the config's sections; the
 rules pass it), or of the evaluation section alone. Nothing heavy is imported until a verb runs.
@@ -13,7 +12,6 @@ rules pass it), or of the evaluation section alone. Nothing heavy is imported un
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -31,10 +29,10 @@ def _settings(a: argparse.Namespace) -> tuple[Any, Any]:
     from mrplip_core.evaluation.settings import EvaluationSettings
     from mrplip_core.features.settings import FeatureSettings
 
-    raw = json.loads(a.settings) if getattr(a, "settings", None) else {}
-    if "evaluation" in raw or "features" in raw:
-        return EvaluationSettings.from_dict(raw.get("evaluation")), FeatureSettings.from_dict(raw.get("features"))
-    return EvaluationSettings.from_dict(raw), FeatureSettings()
+    from mrplip_core.jobs import read_sections
+
+    sections = read_sections(a.settings, "evaluation", "features", verb=a.verb)
+    return EvaluationSettings.from_dict(sections["evaluation"]), FeatureSettings.from_dict(sections["features"])
 
 
 def _start(a: argparse.Namespace) -> tuple[Any, Any]:
@@ -120,22 +118,8 @@ def _cmd_eval_summary(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_report(a: argparse.Namespace) -> int:
-    from mrplip_core.report import build_report
-
-    _logging()
-    settings, _ = _settings(a)
-    runs = a.runs.split(",") if a.runs else (list(settings.runs) if settings.runs is not None else None)
-    baselines = a.baselines.split(",") if a.baselines else (list(settings.baselines) if settings.baselines is not None
-                                                            else None)
-    path = build_report(a.results, a.out, settings=settings.report, runs=runs, baselines=baselines,
-                        datasets=settings.datasets)
-    print(f"report -> {path} (open it in a browser: file://{path.resolve()})")
-    return 0
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``eval-features``, ``evaluate``, ``evaluate-retrieval``, ``eval-summary`` and ``report``."""
+    """Add ``eval-features``, ``evaluate``, ``evaluate-retrieval`` and ``eval-summary``."""
     settings_help = "JSON of {evaluation: ..., features: ...} (the config's sections)"
 
     s = sub.add_parser("eval-features", help="frozen-encoder features of an evaluation tile set (HDF5)")
@@ -169,13 +153,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("metrics", nargs="*", help="metrics.json files")
     s.add_argument("--out", required=True, help="results/eval/summary.csv")
     s.set_defaults(func=_cmd_eval_summary)
-
-    s = sub.add_parser("report", help="the static HTML report (results/report/index.html)")
-    s.add_argument("--results", default="results")
-    s.add_argument("--out", default="results/report")
-    s.add_argument("--runs", default=None, help="comma-separated pretrain runs to show (default: evaluation.runs, else all)")
-    s.add_argument("--baselines", default=None,
-                   help="comma-separated frozen encoders to show (default: evaluation.baselines, else all on disk)")
-    s.add_argument("--settings", default="", help=settings_help)
-    s.set_defaults(func=_cmd_report)
-

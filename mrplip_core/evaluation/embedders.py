@@ -5,7 +5,7 @@
   linear probe and retrieval all apply.
 * :class:`FrozenEncoderEmbedder`: the registry encoder's own features, before any
   pretraining: the baseline. No text side, so zero-shot and retrieval are n/a for it.
-* Test embedders with known answers live in :mod:`mrplip_core.evaluation.toy`.
+* Test embedders with known answers live in :mod:`mrplip_core.testing.known_answers`.
 
 Both real embedders also implement :class:`FeatureEmbedder`: they can start from frozen
 features already computed (``results/eval/features/{encoder}/{dataset}.h5`` for tiles,
@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-import yaml
 
 from mrplip_core.evaluation.settings import BASELINE_PREFIX, EmbeddingSettings
+from mrplip_core.train.summary import read_run_config, run_summary
 from mrplip_core.wsi.magnification import mpp_to_magnification
 
 
@@ -214,35 +214,6 @@ class MRPLIPEmbedder:
     def describe(self) -> dict[str, Any]:
         return {"kind": "mrplip", "name": self.name, "image_encoder": self.image_encoder,
                 "text": "MR-PLIP text encoder", **run_summary(self.run_config)}
-
-
-def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """The resolved ``pretrain`` section a run wrote (``results/pretrain/{run}/config.yaml``)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: not a finished pretrain run folder")
-    loaded = yaml.safe_load(path.read_text()) or {}
-    return dict(loaded.get("pretrain", loaded))
-
-
-def run_summary(config: dict[str, Any]) -> dict[str, Any]:
-    """The ablation-relevant facts of a run config: magnifications, active loss terms, steps."""
-    from mrplip_core.losses import TERMS
-
-    data = config.get("data", {}) or {}
-    weights = ((config.get("loss") or {}).get("weights") or {})
-    terms = [t for t in TERMS if float(weights.get(t, 1.0)) > 0]
-    mags = [float(m) for m in data.get("magnifications", [])]
-    return {
-        "magnifications": mags,
-        "multi_resolution": len(mags) > 1,
-        "terms": terms,
-        "cvta": "cvta" in terms,
-        "mrtva": "mrtva" in terms,
-        "steps": (config.get("train") or {}).get("steps"),
-        "text_encoder": (config.get("model") or {}).get("text_encoder"),
-        "seed": config.get("seed"),
-    }
 
 
 def check_weights_match(features_dir: Path, sha256: str, encoder: str) -> None:

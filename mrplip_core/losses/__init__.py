@@ -3,6 +3,10 @@
 ``L = L_bl + L_CVTA + L_MRTVA`` with ``L_bl = ITC + ITM + MLM + PLM``; every term is an
 ``nn.Module`` whose ``forward`` returns a dict of named tensors (the term under its own
 name, plus detached diagnostics), combined by :class:`MRPLIPLoss`.
+
+The inputs of the language-model terms (masked captions, prefix-LM labels) are drawn by the
+dataset (:mod:`mrplip_core.data.lm_inputs`); the term names live in
+:mod:`mrplip_core.model.terms`.
 """
 
 from mrplip_core.losses.cvta import (
@@ -13,7 +17,7 @@ from mrplip_core.losses.cvta import (
 )
 from mrplip_core.losses.itc import ITCLoss, gather_features
 from mrplip_core.losses.itm import FuseFn, ITMLoss, sample_hard_negatives
-from mrplip_core.losses.mlm import IGNORE_INDEX, MaskedTokens, MLMLoss, mask_tokens
+from mrplip_core.losses.mlm import MLMLoss
 from mrplip_core.losses.mrtva import (
     MRTVALoss,
     negative_cosine,
@@ -21,18 +25,12 @@ from mrplip_core.losses.mrtva import (
     prediction_mlp,
     projection_mlp,
 )
-from mrplip_core.losses.plm import (
-    PLMLoss,
-    PrefixLMBatch,
-    make_prefix_lm_batch,
-    prefix_lm_attention_mask,
-)
+from mrplip_core.losses.plm import PLMLoss
 from mrplip_core.losses.temperature import LogitScale
 from mrplip_core.losses.total import DEFAULT_CONFIG, TERMS, MRPLIPLoss
 
 __all__ = [
     "DEFAULT_CONFIG",
-    "IGNORE_INDEX",
     "TERMS",
     "CVTALoss",
     "FuseFn",
@@ -42,18 +40,13 @@ __all__ = [
     "MLMLoss",
     "MRPLIPLoss",
     "MRTVALoss",
-    "MaskedTokens",
     "PLMLoss",
-    "PrefixLMBatch",
     "TopKKeywords",
     "cosine_similarity_matrix",
     "gather_features",
-    "make_prefix_lm_batch",
-    "mask_tokens",
     "negative_cosine",
     "parent_child_pairs",
     "prediction_mlp",
-    "prefix_lm_attention_mask",
     "projection_mlp",
     "sample_hard_negatives",
     "select_topk_keywords",

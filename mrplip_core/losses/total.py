@@ -21,9 +21,7 @@ from mrplip_core.losses.itm import ITMLoss
 from mrplip_core.losses.mlm import MLMLoss
 from mrplip_core.losses.mrtva import MRTVALoss
 from mrplip_core.losses.plm import PLMLoss
-
-BASELINE_TERMS: tuple[str, ...] = ("itc", "itm", "mlm", "plm")
-TERMS: tuple[str, ...] = (*BASELINE_TERMS, "cvta", "mrtva")
+from mrplip_core.model.terms import BASELINE_TERMS, TERMS
 
 
 def _check_weights(weights: Mapping[str, float]) -> dict[str, float]:
@@ -80,8 +78,8 @@ class MRPLIPLoss(nn.Module):
         builders = {
             "itc": lambda c: ITCLoss(**c),
             "itm": lambda c: ITMLoss(fusion_dim, **c),
-            "mlm": lambda c: MLMLoss(),  # its section configures mask_tokens (data side)
-            "plm": lambda c: PLMLoss(),  # its section configures make_prefix_lm_batch
+            "mlm": lambda c: MLMLoss(),  # its section configures data.lm_inputs.mask_tokens
+            "plm": lambda c: PLMLoss(),  # its section configures data.lm_inputs.make_prefix_lm_batch
             "cvta": lambda c: CVTALoss(**c),
             "mrtva": lambda c: MRTVALoss(representation_dim, **c),
         }
@@ -149,9 +147,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     },
     # ITMLoss kwargs besides the fusion width (none by default)
     "itm": {},
-    # mask_tokens kwargs, used by the collator (MLMLoss itself has no settings)
+    # data.lm_inputs.mask_tokens kwargs, used by the dataset (MLMLoss itself has no settings)
     "mlm": {"mask_prob": 0.15, "mask_token_frac": 0.8, "random_token_frac": 0.1},
-    # make_prefix_lm_batch kwargs, used by the collator (PLMLoss has no settings)
+    # data.lm_inputs.make_prefix_lm_batch kwargs, used by the dataset (PLMLoss has no settings)
     "plm": {"min_prefix": 1},
     # CVTALoss kwargs
     "cvta": {

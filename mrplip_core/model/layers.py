@@ -6,6 +6,7 @@ through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on 
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -84,3 +85,17 @@ class CrossEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, self_mask=self_mask, context=context, context_mask=context_mask)
         return self.norm(x)
+
+
+def prefix_lm_attention_mask(prefix_lengths: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B, L, L) bool, True where query t may attend to key s.
+
+    A query attends to every real prefix token and causally (``s <= t``) to the suffix;
+    padding keys are never attended. For the text decoder of the PLM branch
+    (prefix lengths from :func:`mrplip_core.data.lm_inputs.make_prefix_lm_batch`).
+    """
+    length = attention_mask.shape[1]
+    positions = torch.arange(length, device=attention_mask.device)
+    key_in_prefix = positions[None, None, :] < prefix_lengths[:, None, None]
+    causal = positions[None, None, :] <= positions[None, :, None]
+    return (key_in_prefix | causal) & attention_mask.bool()[:, None, :]

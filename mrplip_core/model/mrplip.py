@@ -27,7 +27,7 @@ Modules (H = the text encoder's width, E = ``embed_dim``):
                     token followed by the caption's token embeddings (shared with ``text``)
                     through pre-LN blocks; every position sees the visual token, the
                     caption prefix bidirectionally and the suffix causally
-                    (:func:`mrplip_core.losses.plm.prefix_lm_attention_mask`).
+                    (:func:`mrplip_core.model.layers.prefix_lm_attention_mask`).
 ``mlm_head``,       transform + output layer tied to the text encoder's word embeddings.
 ``plm_head``
 
@@ -43,11 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mrplip_core.losses.plm import prefix_lm_attention_mask
-from mrplip_core.model.layers import CrossEncoder
+from mrplip_core.model.layers import CrossEncoder, prefix_lm_attention_mask
 from mrplip_core.model.settings import ModelDims, ModelSettings
+from mrplip_core.model.terms import TERMS
 
-ALL_HEADS: tuple[str, ...] = ("itc", "itm", "mlm", "plm", "cvta", "mrtva")
+#: One head (set of modules) per objective term.
+ALL_HEADS: tuple[str, ...] = TERMS
 
 
 class VisualProjection(nn.Module):

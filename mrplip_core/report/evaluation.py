@@ -9,12 +9,12 @@ from typing import Any
 
 from PIL import Image
 
-from mrplip_core.evaluation.embedders import read_run_config, run_summary
 from mrplip_core.evaluation.plots import CONFUSION_DPI
 from mrplip_core.evaluation.run import collect_metrics
 from mrplip_core.evaluation.settings import BASELINE_PREFIX
 from mrplip_core.report.context import ReportContext
 from mrplip_core.report.html import esc, figure, fmt, kv_table, missing, note, section, table
+from mrplip_core.train.summary import read_run_config, run_summary
 
 #: Zero-shot weighted F1 published in the MR-PLIP paper (arXiv 2504.18856), for context only.
 PUBLISHED_ZERO_SHOT = {

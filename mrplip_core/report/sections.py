@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from mrplip_core.evaluation.embedders import read_run_config, run_summary
-from mrplip_core.evaluation.plots import LOSS_COLUMNS, loss_curves_png
 from mrplip_core.report.context import ReportContext
+from mrplip_core.report.figures import loss_curves_png
 from mrplip_core.report.html import badge, esc, figure, fmt, missing, na, note, section, table
+from mrplip_core.train.summary import LOSS_COLUMNS, read_metrics, read_run_config, run_summary
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,8 @@ def pretraining(ctx: ReportContext) -> str:
         except FileNotFoundError:
             summary = {}
         metrics_csv = d / "metrics.csv"
-        metrics = pd.read_csv(metrics_csv) if metrics_csv.exists() and metrics_csv.stat().st_size else pd.DataFrame()
+        metrics = read_metrics(d)
+        metrics = pd.DataFrame() if metrics is None else metrics
         last = metrics.iloc[-1] if len(metrics) else None
         finished = (d / "model.safetensors").exists()
         steps_done = int(last["step"]) if last is not None else 0
@@ -222,8 +223,7 @@ def pretraining(ctx: ReportContext) -> str:
             esc(", ".join(f"{k} {v:.3f}" for k, v in final.items() if k not in ("loss", "loss_bl")) or "–"),
         ))
         if len(metrics):
-            val_csv = d / "val_metrics.csv"
-            val = pd.read_csv(val_csv) if val_csv.exists() and val_csv.stat().st_size else None
+            val = read_metrics(d, validation=True)
             png = loss_curves_png(metrics, ctx.image_path(f"loss_{_safe(d.name)}.png"), f"run {d.name}", val)
             if png is not None:
                 caption = f"results/pretrain/{esc(d.name)}/metrics.csv" + (" (dashed: validation)" if val is not None else "")

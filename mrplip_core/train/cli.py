@@ -54,15 +54,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--run-dir", default=None, help="output folder (default RESULTS/pretrain/RUN)")
     s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     s.set_defaults(func=_cmd_pretrain)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m mrplip_core.train.cli``) until the verb is wired into ``mrplip``."""
-    parser = argparse.ArgumentParser(prog="mrplip")
-    register(parser.add_subparsers(dest="verb", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

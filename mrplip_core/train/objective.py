@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mrplip_core.losses import IGNORE_INDEX, MRPLIPLoss, cosine_similarity_matrix, parent_child_pairs, select_topk_keywords
+from mrplip_core.data.lm_inputs import IGNORE_INDEX
+from mrplip_core.losses import MRPLIPLoss, cosine_similarity_matrix, parent_child_pairs, select_topk_keywords
 from mrplip_core.model.mrplip import MRPLIPModel
 
 

@@ -5,15 +5,18 @@ format of Quilt-LLaVA's release: ``LlavaLlamaForCausalLM`` with ``model.mm_proje
 ``mm_vision_tower`` config key, sharded ``pytorch_model-*.bin``), next to a tiny HF CLIP
 model folder that plays the vision tower (``CLIPModel`` layout, as QuiltNet's or OpenAI
 CLIP's HF folders). :func:`build_tiny_hf` converts it with
-:func:`~mrplip_core.captions.convert_llava.convert_llava` into the HF
+:func:`~mrplip_core.convert_llava.convert_llava` into the HF
 ``LlavaForConditionalGeneration`` folder that vLLM and the ``transformers`` backend load.
 
 Sizes respect vLLM's CPU kernels (attention head dim >= 32). Everything is seeded; the
 tokenizer is a byte-level BPE trained on local text (the Python standard library's sources).
+
+    python -m mrplip_core.testing.tiny_llava DST [--format hf|original] [--seed 0]
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -185,10 +188,27 @@ def build_tiny_original(dst: str | Path, *, vision_tower: str | None = None, emb
 
 def build_tiny_hf(dst: str | Path, *, workdir: str | Path | None = None, seed: int = 0) -> Path:
     """A tiny HF-format LLaVA: :func:`build_tiny_original`, then ``convert_llava`` into ``dst``."""
-    from mrplip_core.captions.convert_llava import convert_llava
+    from mrplip_core.convert_llava import convert_llava
 
     dst = Path(dst)
     src = Path(workdir) if workdir else dst.with_name(dst.name + "-original")
     build_tiny_original(src, seed=seed)
     convert_llava(src, dst, pad_vocab_multiple=64)
     return dst
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write a tiny LLaVA to DST (``hf``: servable folder, built as original then converted)."""
+    p = argparse.ArgumentParser(prog="python -m mrplip_core.testing.tiny_llava", description=main.__doc__)
+    p.add_argument("dst")
+    p.add_argument("--format", choices=["hf", "original"], default="hf",
+                   help="hf: servable folder (built as original, then converted); original: release format")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    out = build_tiny_original(a.dst, seed=a.seed) if a.format == "original" else build_tiny_hf(a.dst, seed=a.seed)
+    print(f"tiny random-weight LLaVA ({a.format} format) -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -123,7 +123,7 @@ def write_untrained_run(run_dir: str | Path, *, image_encoder: str = "tiny-vit-r
                            "data": {"image_encoder": image_encoder, "magnifications": [float(m) for m in magnifications]},
                            "model": {"text_encoder": "random", "text_config": text_config, "embed_dim": 32},
                            "loss": {"weights": weights}, "train": {"steps": steps}}}
-    (run_dir / "config.yaml").write_text("# untrained run written by mrplip_core.evaluation.toy\n" + yaml.safe_dump(config))
+    (run_dir / "config.yaml").write_text("# untrained run written by mrplip_core.testing.known_answers\n" + yaml.safe_dump(config))
     index = [(s, f"{s}_bag", "val") for s in val_slides] + [(s, f"{s}_bag", "train") for s in train_slides]
     pd.DataFrame(index, columns=["slide_id", "bag_id", "split"]).to_parquet(run_dir / "bag_index.parquet", index=False)
     save_export(run_dir, model, itc_temperature=0.07, extra={"run": run_dir.name, "steps": steps, "max_caption_tokens": 64})
