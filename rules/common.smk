@@ -11,8 +11,9 @@ import mrplip_core
 from mrplip_core.config_schema import apply_schema_types, load_schema
 from mrplip_core.wsi.table import SLIDE_ID_PATTERN, read_slide_table
 
+CONFIG_SCHEMA = os.path.join(workflow.basedir, "schemas", "config.schema.yaml")
 # `--config tiling='{n_parents: 5}'` hands Snakemake "5": read such values with the schema's types.
-config.update(apply_schema_types(config, load_schema(os.path.join(workflow.basedir, "schemas", "config.schema.yaml"))))
+config.update(apply_schema_types(config, load_schema(CONFIG_SCHEMA)))
 validate(config, "../workflow/schemas/config.schema.yaml")
 
 SLIDES = read_slide_table(config["slides"])

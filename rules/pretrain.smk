@@ -20,29 +20,26 @@
 
 import re
 
-import mrplip_core.train
+from mrplip_core.config_schema import check_section, section_schema
 from mrplip_core.train.ablations import expand_runs
-
-PRETRAIN_SCHEMA = os.path.join(os.path.dirname(mrplip_core.train.__file__), "config_schema.yaml")
-# The pretrain section has its own schema beside the code that reads it (defaults filled here).
-validate(config["pretrain"], PRETRAIN_SCHEMA)
 
 TORCHRUN_LAUNCHER = os.path.join(workflow.basedir, "scripts", "torchrun.sh")
 
 
 # Runs: the pretrain section under pretrain.run, plus one per `ablations` entry (that section
-# with the entry's keys changed, under the entry's name). Each is validated like the main one.
+# with the entry's keys changed, under the entry's name). Each is checked against the schema's
+# pretrain section, as common.smk's validate checks the main one.
 PRETRAIN_MAIN_RUN = config["pretrain"]["run"]
 PRETRAIN_SETTINGS = expand_runs(config["pretrain"], config.get("ablations"))
 for _name in list(PRETRAIN_SETTINGS)[1:]:
     try:
-        validate(PRETRAIN_SETTINGS[_name], PRETRAIN_SCHEMA)
-    except Exception as exc:
+        PRETRAIN_SETTINGS[_name] = check_section(PRETRAIN_SETTINGS[_name], section_schema("pretrain", CONFIG_SCHEMA), "pretrain")
+    except ValueError as exc:
         raise ValueError(f"config ablations.{_name}: the pretrain section it makes is invalid: {exc}") from None
 PRETRAIN_RUNS = list(PRETRAIN_SETTINGS)  # read by rules/evaluate.smk
 PRETRAIN_ABLATIONS = PRETRAIN_RUNS[1:]
-_IMAGE_ENCODER = config["features"].get("image_encoder", "tiny-vit-random")
-_TEXT_ENCODER = config["features"].get("text_encoder", "minilm")
+_IMAGE_ENCODER = config["features"]["image_encoder"]
+_TEXT_ENCODER = config["features"]["text_encoder"]
 
 
 def RUN_IMAGE_ENCODER(run):  # read by rules/evaluate.smk: every run trains on these features

@@ -29,6 +29,7 @@ def test_strings_become_the_schema_types():
         "features": {"image_encoder": "123", "weights": {"uni": "007"}, "num_workers": "null"},
         "captions": {"openai": {"server": {"env": {"VLLM_CPU_KVCACHE_SPACE": "4"}}}, "model": "null"},
         "evaluation": {"runs": "[demo, no-mrtva]", "few_shot": {"shots": "[1, 2]"}},
+        "pretrain": {"optim": {"betas": ["0.9", "0.95"]}, "loss": {"weights": "{plm: 0}"}},
     }
     typed = apply_schema_types(given, schema)
     assert typed["failures_fatal"] is True and typed["mpp_fallback"] is None
@@ -38,6 +39,7 @@ def test_strings_become_the_schema_types():
     assert typed["tissue"]["fill_holes"] is True and typed["tissue"]["pen_margin_um"] == 100.0
     assert typed["features"]["num_workers"] is None and typed["captions"]["model"] is None
     assert typed["evaluation"]["runs"] == ["demo", "no-mrtva"] and typed["evaluation"]["few_shot"]["shots"] == [1, 2]
+    assert typed["pretrain"]["optim"]["betas"] == [0.9, 0.95] and typed["pretrain"]["loss"]["weights"] == {"plm": 0}
     # genuine strings stay strings, whatever they look like
     assert typed["slides"] == "123" and typed["features"]["image_encoder"] == "123"
     assert typed["features"]["weights"] == {"uni": "007"} and typed["tiling"]["selection"] == "all"
@@ -61,6 +63,10 @@ def test_check_section_fills_defaults_and_names_the_key():
     assert tiling["n_parents"] == 5 and tiling["patch_px"] == 512 and tiling["magnifications"] == [5, 10, 20, 40]
     with pytest.raises(ValueError, match=r"tiling: .*'n_parent'"):
         check_section({"n_parent": 3}, section_schema("tiling"), "tiling")
+    pretrain = check_section({"train": {"steps": "3"}}, section_schema("pretrain"), "pretrain")
+    assert pretrain["train"]["steps"] == 3 and pretrain["loss"]["weights"]["mrtva"] == 1.0
+    with pytest.raises(ValueError, match=r"^pretrain\.train: .*'stepz'"):
+        check_section({"train": {"stepz": 3}}, section_schema("pretrain"), "pretrain")
     again = check_section({}, section_schema("tiling"), "tiling")
     again["magnifications"].append(80)  # defaults are copies, not the schema's own lists
     assert section_schema("tiling")["properties"]["magnifications"]["default"][-1] == 40
@@ -101,3 +107,16 @@ def test_a_wrong_command_line_value_fails_naming_the_key(workdir):
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "'five' is not of type 'integer'" in text and "['tiling']['n_parents']" in text
     assert not (workdir / "results").exists()
+
+
+def test_an_ablation_from_the_command_line_is_typed_and_checked(workdir):
+    target = "results/pretrain/short/model.safetensors"
+    proc = _dry_run(workdir, "--config", "ablations={short: {train: {steps: 3}, loss: {weights: {mrtva: 0}}}}",
+                    "--", target)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    settings = json.loads(re.search(r"--settings '(\{.*?\})' --run-dir results/pretrain/short", proc.stdout).group(1))
+    assert settings["train"]["steps"] == 3 and settings["loss"]["weights"]["mrtva"] == 0
+    assert settings["train"]["log_every"] == 1  # the rest: the main pretrain section
+    proc = _dry_run(workdir, "--config", "ablations={short: {train: {steps: three}}}", "--", target)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "ablations.short" in text and "pretrain.train.steps: 'three'" in text
