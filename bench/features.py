@@ -50,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mrplip_core.encoders import load_image_encoder  # noqa: E402
+from mrplip_core.encoders.catalog import DEFAULT_IMAGE_ENCODER  # noqa: E402
 from mrplip_core.encoders.image import resize_patch  # noqa: E402
 from mrplip_core.encoders.runtime import autocast, resolve_device, resolve_precision  # noqa: E402
 from mrplip_core.features.dataset import PatchDataset, ShardPatches, patch_loader  # noqa: E402
@@ -105,7 +106,7 @@ def main() -> None:
     p.add_argument("--slide", type=Path, default=None, help="a real slide (default: synthetic 40x in --cache)")
     p.add_argument("--mpp", type=float, default=None, help="um/px override for --slide")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "mrplip-bench-features")
-    p.add_argument("--encoder", default="tiny-vit-random")
+    p.add_argument("--encoder", default=DEFAULT_IMAGE_ENCODER)
     p.add_argument("--weights", default=None, help="local weights (default: random init, recorded)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")

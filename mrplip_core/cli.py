@@ -65,7 +65,7 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     from mrplip_core.io.inspect import describe
 
     try:
-        print(describe(a.path, a.rows))
+        print(describe(a.path, a.rows, full=a.full))
     except (FileNotFoundError, ValueError) as exc:
         print(f"mrplip inspect: {exc}", file=sys.stderr)
         return 2
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="summarise a Parquet or HDF5 artifact")
     s.add_argument("path")
     s.add_argument("--rows", type=int, default=5, help="sample rows to show")
+    s.add_argument("--full", action="store_true",
+                   help="sample rows one field per line with whole values (default: a table as wide as the terminal)")
     s.set_defaults(func=_cmd_inspect)
 
     s = sub.add_parser("tile", help="write one patch's image to a PNG")

@@ -8,12 +8,16 @@ import sys
 from snakemake.utils import validate
 
 import mrplip_core
+from mrplip_core.config_schema import apply_schema_types, load_schema
 from mrplip_core.captions.plan import CaptionsPlan
 from mrplip_core.features.plan import FeaturesPlan
 from mrplip_core.layout import Layout
 from mrplip_core.wsi.plan import TilesPlan
 from mrplip_core.wsi.table import SLIDE_ID_PATTERN, read_slide_table
 
+CONFIG_SCHEMA = os.path.join(workflow.basedir, "schemas", "config.schema.yaml")
+# `--config tiling='{n_parents: 5}'` hands Snakemake "5": read such values with the schema's types.
+config.update(apply_schema_types(config, load_schema(CONFIG_SCHEMA)))
 validate(config, "../workflow/schemas/config.schema.yaml")
 
 SLIDES = read_slide_table(config["slides"])

@@ -19,14 +19,14 @@
 # The run folder must be on a filesystem every node sees (each rank writes its RNG state).
 import re
 
-import mrplip_core.train
+from mrplip_core.config_schema import check_section, section_schema
 from mrplip_core.train.plan import PretrainPlan
 
-PRETRAIN_SCHEMA = os.path.join(os.path.dirname(mrplip_core.train.__file__), "config_schema.yaml")
-# The pretrain section has its own schema beside the code that reads it (defaults filled here).
-validate(config["pretrain"], PRETRAIN_SCHEMA)
+# Each ablation's pretrain section is checked against the schema's pretrain section, as
+# common.smk's validate checks the main one.
+_PRETRAIN_SCHEMA = section_schema("pretrain", CONFIG_SCHEMA)
 PRETRAIN_PLAN = PretrainPlan.from_config(
-    config, results=str(LAYOUT.root), validate=lambda run, section: validate(section, PRETRAIN_SCHEMA)
+    config, results=str(LAYOUT.root), check=lambda section: check_section(section, _PRETRAIN_SCHEMA, "pretrain")
 )
 PRETRAIN_RESOURCES = PRETRAIN_PLAN.resources
 TORCHRUN_LAUNCHER = os.path.join(workflow.basedir, "scripts", "torchrun.sh")

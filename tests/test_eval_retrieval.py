@@ -43,7 +43,7 @@ def test_held_out_slides_are_the_runs_validation_split(trained: Path) -> None:
 
 
 def test_trained_model_retrieves_held_out_pairs_far_above_chance(trained: Path) -> None:
-    settings = json.dumps({"evaluation": {"retrieval": {"max_pairs": 400, "ks": [1, 5]}}, "features": {}})
+    settings = json.dumps({"evaluation": {"retrieval": {"split": "val", "max_pairs": 400, "ks": [1, 5]}}, "features": {}})
     out = trained / "eval" / "tiny" / "retrieval"
     assert main(["evaluate-retrieval", "--model", "tiny", "--results", str(trained), "--settings", settings,
                  "--threads", "1"]) == 0
@@ -76,6 +76,7 @@ def test_a_run_without_held_out_slides_is_na_not_a_training_set_score(tmp_path: 
     run = tmp_path / "pretrain" / "r"
     run.mkdir(parents=True)
     pd.DataFrame({"slide_id": ["s"], "bag_id": ["b"], "split": ["train"]}).to_parquet(run / "bag_index.parquet")
-    r = run_retrieval(_TextOnly(), tmp_path, EvaluationSettings(), tmp_path / "out", run)
+    settings = EvaluationSettings.from_dict({"retrieval": {"split": "val"}})
+    r = run_retrieval(_TextOnly(), tmp_path, settings, tmp_path / "out", run)
     assert r["status"] == "n/a" and "held out no slides" in r["reason"]
     assert np.isfinite(r["seconds"])

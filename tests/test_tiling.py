@@ -111,9 +111,9 @@ def test_unknown_setting_is_refused_by_name():
 
 def test_inspect_parquet_and_hdf5(syn40, tmp_path, capsys):
     _, df, out = _run(tmp_path, "syn40", syn40, TilesSettings.from_dict({"tiling": {"n_parents": 1}}))
-    assert mrplip(["inspect", str(out.manifest), "--rows", "2"]) == 0
+    assert mrplip(["inspect", str(out.manifest), "--rows", "2", "--full"]) == 0
     text = capsys.readouterr().out
-    assert f"rows: {len(df)}" in text and "patch_id" in text and df.patch_id.iloc[0] in text
+    assert f"rows: {len(df)}" in text and f"  patch_id: {df.patch_id.iloc[0]}\n" in text
     h5 = tmp_path / "f.h5"
     with h5py.File(h5, "w") as f:
         g = f.create_group("5x")

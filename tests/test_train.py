@@ -151,7 +151,7 @@ def test_config_resolution_and_errors(corpus, tmp_path):
         load_config(path, None, ["train.stepz=3"])
     with pytest.raises(ValueError, match="patches_per_magnification"):
         load_config(path, None, ["data.magnifications=[5]"])
-    with pytest.raises(ValueError, match="unknown loss term"):
+    with pytest.raises(ValueError, match=r"pretrain\.loss\.weights.*'foo'"):
         load_config(path, None, ["loss.weights.foo=1"])
 
 
@@ -178,20 +178,3 @@ def test_validation_runs_on_held_out_slides(corpus, tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["step"] for r in rows] == ["2", "4"] and all(float(r["loss"]) > 0 for r in rows)
     assert rows[0]["itc"] != rows[1]["itc"]  # same batches, trained weights
-
-
-def test_config_section_and_schema_agree_with_the_dataclasses():
-    from snakemake.utils import validate
-
-    here = REPO / "mrplip_core" / "train"
-    schema = str(here / "config_schema.yaml")
-    filled = {}
-    validate(filled, schema, set_default=True)  # what the workflow's schema fills in
-    assert PretrainConfig.from_dict(filled).to_dict() == filled == PretrainConfig.from_dict({}).to_dict()
-    section = yaml.safe_load((here / "config_section.yaml").read_text())["pretrain"]
-    validate(section, schema, set_default=True)
-    resolved = PretrainConfig.from_dict(section)
-    assert resolved.run == "demo" and resolved.model.text_encoder == "minilm"
-    commented = (here / "config_section.yaml").read_text()
-    for key in resolved.digest():  # every leaf key of the section is in the file
-        assert key.split(".")[-1] in commented, key

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mrplip_core.encoders.catalog import DEFAULT_IMAGE_ENCODER
+
 
 @dataclass(frozen=True)
 class DataSettings:
@@ -18,16 +20,16 @@ class DataSettings:
     """
 
     results: str = "results"  # the workflow's results folder (tiles/, features/, ...)
-    image_encoder: str = "tiny-vit-random"  # results/features/{image_encoder}/{slide}.h5
+    image_encoder: str = DEFAULT_IMAGE_ENCODER  # results/features/{image_encoder}/{slide}.h5
     text_encoder: str = "minilm"  # results/text_features/{text_encoder}/{slide}.h5 (keywords)
     magnifications: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)  # x; a subset is an ablation
     patches_per_magnification: tuple[int, ...] = (1, 2, 2, 2)  # drawn per bag, per magnification
     max_keywords: int = 32  # keywords of the textual bag per sample (random subset when more)
     max_caption_tokens: int = 64  # captions are truncated to this many tokens ([CLS]/[SEP] incl.)
-    val_fraction: float = 0.1  # share of slides held out for validation (split by slide)
+    val_fraction: float = 0.0  # share of slides held out for validation (split by slide; real: 0.02)
     split_seed: int = 0  # seed of the slide split (stable when slides are added)
-    batch_size: int = 8  # bags per rank per micro-step (global batch = this x ranks x accumulation)
-    num_workers: int = 2  # DataLoader worker processes per rank
+    batch_size: int = 4  # bags per rank per micro-step (global batch = this x ranks x accumulation)
+    num_workers: int = 1  # DataLoader worker processes per rank
     prefetch_factor: int = 4  # batches prefetched per worker
     slide_cache: int = 64  # slides (trees, captions, open HDF5 handles) cached per worker
     shuffle_window: int = 0  # slides per shuffle window (locality for big cohorts); 0: global shuffle

@@ -55,6 +55,10 @@ TINY_VIT_RANDOM = register_encoder(
     )
 )
 
+#: The image encoder of a config that names none: the schema default of features.image_encoder
+#: and pretrain.data.image_encoder (tests/test_config_defaults.py holds them equal).
+DEFAULT_IMAGE_ENCODER = TINY_VIT_RANDOM.name
+
 UNI = register_encoder(
     EncoderSpec(
         name="uni",

@@ -97,8 +97,9 @@ class RetrievalSettings:
 
     enabled: bool = True
     # val: the slides the run held out from pretraining (its bag_index.parquet split "val");
-    # all: every slide with captions (NOT held out: the report says so).
-    split: Literal["val", "all"] = "val"
+    # all: every slide with captions (NOT held out: the report says so). The default is the
+    # demo's (pretrain.data.val_fraction 0 holds out nothing); real runs: val.
+    split: Literal["val", "all"] = "all"
     max_pairs: int = 1000  # pairs drawn (seeded) when there are more; recall depends on this gallery size
     ks: tuple[int, ...] = (1, 5, 10)
     magnifications: tuple[float, ...] | None = None  # only these (x); None: every magnification

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from mrplip_core.encoders.catalog import DEFAULT_IMAGE_ENCODER
+
 
 @dataclass(frozen=True)
 class FeatureSettings:
@@ -14,7 +16,7 @@ class FeatureSettings:
     The defaults equal the schema's (workflow/schemas/config.schema.yaml).
     """
 
-    image_encoder: str = "tiny-vit-random"  # registry name the stage target extracts
+    image_encoder: str = DEFAULT_IMAGE_ENCODER  # registry name the stage target extracts
     text_encoder: str = "minilm"  # registry name for keywords and captions
     weights: Mapping[str, str] = field(default_factory=dict)  # encoder name -> local weights path
     allow_random_init: bool = True  # a real encoder without weights runs with random weights

@@ -21,6 +21,8 @@ import pandas as pd
 import yaml
 from PIL import Image
 
+from mrplip_core.encoders.catalog import DEFAULT_IMAGE_ENCODER
+
 #: Colour words and their RGB (0-255).
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -91,7 +93,7 @@ def colour_prompts(colours: Sequence[str]) -> dict[str, Any]:
     return {"templates": ["a {name} tile.", "an image that is {name}."], "classes": {c: [c, f"{c} colour"] for c in colours}}
 
 
-def write_untrained_run(run_dir: str | Path, *, image_encoder: str = "tiny-vit-random", image_dim: int | None = None,
+def write_untrained_run(run_dir: str | Path, *, image_encoder: str = DEFAULT_IMAGE_ENCODER, image_dim: int | None = None,
                         magnifications: Sequence[float] = (5.0, 10.0, 20.0, 40.0), keyword_dim: int = 384,
                         seed: int = 0, val_slides: Sequence[str] = (), train_slides: Sequence[str] = (),
                         loss_weights: dict[str, float] | None = None, steps: int = 1) -> Path:

@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from mrplip_core.encoders.catalog import DEFAULT_IMAGE_ENCODER
 from mrplip_core.wsi.hierarchy import MANIFEST_COLUMNS
 
 CLASSES: tuple[tuple[str, str, str], ...] = (
@@ -54,7 +55,7 @@ def write_synthetic_corpus(
     noise: float = 0.3,
     failed_slide: bool = True,
     seed: int = 0,
-    image_encoder: str = "tiny-vit-random",
+    image_encoder: str = DEFAULT_IMAGE_ENCODER,
     text_encoder: str = "minilm",
     shuffle_feature_rows: bool = False,
     caption_sentences: int = 1,

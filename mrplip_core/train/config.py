@@ -1,9 +1,13 @@
 """The ``pretrain`` config section, typed, and how it is resolved.
 
-Resolution (dinov2-style): defaults <- the config file's ``pretrain:`` section (or a file
-holding the section itself) <- a JSON string (what the Snakemake rule passes) <- ``--set
-key.sub=value`` overrides, merged once; the result is validated here and written next to
-the checkpoints as ``results/pretrain/{run}/config.yaml``.
+Resolution (dinov2-style): the config file's ``pretrain:`` section (or a file holding the
+section itself) <- a JSON string (what the Snakemake rule passes) <- ``--set
+key.sub=value`` overrides, merged once; then the defaults of
+workflow/schemas/config.schema.yaml (``properties.pretrain``, the one home of every default)
+fill what is missing and it is validated there and here; the result is written next to the
+checkpoints as ``results/pretrain/{run}/config.yaml``. The dataclasses' defaults mirror the
+schema's (tests/test_config_defaults.py holds them equal): they are the demo's values, with
+config.yaml's ``# real:`` comments giving those of a TCGA-scale run.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import yaml
 
 from mrplip_core.config_mapping import from_mapping, to_plain
+from mrplip_core.config_schema import check_section, section_schema
 from mrplip_core.data.settings import DataSettings
 from mrplip_core.losses import DEFAULT_CONFIG as LOSS_DEFAULTS
 from mrplip_core.losses import TERMS
@@ -33,9 +38,9 @@ LOSS_OVERRIDES: dict[str, Any] = {"itc": {"local_loss": True, "gather_with_grad"
 class OptimSettings:
     """AdamW with linear warmup and cosine decay (per optimizer step)."""
 
-    lr: float = 1e-4  # peak learning rate
+    lr: float = 5e-4  # peak learning rate (real: 1e-4)
     min_lr_ratio: float = 0.01  # cosine floor, as a fraction of lr
-    warmup_steps: int = 1000  # linear warmup from 0
+    warmup_steps: int = 2  # linear warmup from 0 (real: 2000)
     weight_decay: float = 0.05  # not applied to biases, norms, embeddings, temperatures
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
@@ -50,7 +55,7 @@ class OptimSettings:
 class TrainSettings:
     """Loop, precision, logging and checkpointing."""
 
-    steps: int = 100_000  # optimizer steps of the whole run (the schedule's length)
+    steps: int = 10  # optimizer steps of the whole run (the schedule's length; real: 50000)
     stop_at_step: int | None = None  # stop early here (checkpoint, no export): time-limited jobs
     accumulation_steps: int = 1  # micro-batches per optimizer step
     grad_clip: float = 1.0  # max global grad norm; 0 disables
@@ -58,7 +63,7 @@ class TrainSettings:
     device: str = "auto"  # auto | cpu | cuda
     backend: str = "auto"  # process group: auto (nccl on GPU, gloo on CPU) | nccl | gloo
     threads: int | None = None  # torch intra-op threads per rank; null: torch's default
-    log_every: int = 10  # steps between metric rows (metrics.csv, TensorBoard, log)
+    log_every: int = 1  # steps between metric rows (metrics.csv, TensorBoard, log)
     save_every: int = 1000  # steps between checkpoints
     keep_last: int = 3  # checkpoints kept (older ones are deleted)
     val_every: int = 0  # steps between validation passes; 0: never
@@ -92,16 +97,16 @@ class ResourceSettings:
 
     processes_per_node: int = 1  # torchrun --nproc-per-node without Slurm (one per GPU; CPU: gloo)
     gpus_per_node: int = 0  # the rule's `gpu` resource (0: a CPU run)
-    threads_per_process: int = 1  # OMP threads of each training process
-    mem_mb: int = 16000  # memory per node
-    runtime: int = 2880  # minutes
+    threads_per_process: int = 2  # OMP threads of each training process
+    mem_mb: int = 8000  # memory per node
+    runtime: int = 120  # minutes
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     """The resolved ``pretrain`` section."""
 
-    run: str = "default"  # run name: results/pretrain/{run}/
+    run: str = "demo"  # run name: results/pretrain/{run}/
     seed: int = 0  # seeds model init, data order and every random draw
     data: DataSettings = field(default_factory=DataSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -119,8 +124,8 @@ class PretrainConfig:
             raise ValueError(f"unknown key(s) in pretrain: {unknown}; known: {sorted(known)}")
         loss = resolve_loss(values.get("loss"))
         config = cls(
-            run=str(values.get("run", "default")),
-            seed=int(values.get("seed", 0)),
+            run=str(values.get("run", cls.run)),
+            seed=int(values.get("seed", cls.seed)),
             data=from_mapping(DataSettings, values.get("data"), "pretrain.data"),
             model=from_mapping(ModelSettings, values.get("model"), "pretrain.model"),
             loss=loss,
@@ -201,15 +206,26 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 def load_config(
     path: str | Path | None = None, settings_json: str | None = None, overrides: Sequence[str] = ()
 ) -> PretrainConfig:
-    """Resolve the config (see the module docstring)."""
+    """Resolve the config (see the module docstring).
+
+    ``path``: a workflow config (config.yaml: its ``pretrain:`` section; the features it
+    trains on default to its ``features:`` encoders, as the Snakemake rule sets them) or a
+    file holding the section itself (a run's resolved config.yaml).
+    """
     values: dict[str, Any] = {}
     if path:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
-        values = deep_merge(values, loaded.get("pretrain", loaded) if isinstance(loaded, Mapping) else {})
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"{path}: expected a mapping, got {type(loaded).__name__}")
+        values = dict(loaded.get("pretrain") or {}) if "pretrain" in loaded else dict(loaded)
+        features = loaded.get("features") or {}
+        encoders = {key: features[key] for key in ("image_encoder", "text_encoder") if key in features}
+        if encoders:
+            values["data"] = {**encoders, **(values.get("data") or {})}
     if settings_json:
         values = deep_merge(values, json.loads(settings_json))
     values = deep_merge(values, parse_overrides(overrides))
-    return PretrainConfig.from_dict(values)
+    return PretrainConfig.from_dict(check_section(values, section_schema("pretrain"), "pretrain"))
 
 
 def write_config(config: PretrainConfig, path: str | Path) -> None:

@@ -49,21 +49,22 @@ class PretrainPlan:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], *, results: str,
-                    validate: Callable[[str, dict[str, Any]], None] | None = None) -> PretrainPlan:
+                    check: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> PretrainPlan:
         """Runs of ``config``: each one's pretrain section pointed at ``results`` and at the
         feature encoders of the ``features`` section (the features stage makes those).
 
-        ``validate(run, section)`` checks each expanded section (e.g. against the schema);
-        its error is re-raised naming the ablation entry.
+        ``check(section)`` types, fills and validates each ablation's expanded section (e.g.
+        against the schema's pretrain section) and returns it; its ValueError is re-raised
+        naming the ablation entry. The main section was validated with the whole config.
         """
         pretrain = config["pretrain"]
         features = config.get("features") or {}
         runs: dict[str, RunPlan] = {}
         for i, (name, section) in enumerate(expand_runs(pretrain, config.get("ablations")).items()):
-            if validate is not None and i > 0:
+            if check is not None and i > 0:
                 try:
-                    validate(name, section)
-                except Exception as exc:
+                    section = check(section)
+                except ValueError as exc:
                     raise ValueError(f"config ablations.{name}: the pretrain section it makes is invalid: {exc}") from None
             data = {**(section.get("data") or {}), "results": results,
                     "image_encoder": features["image_encoder"], "text_encoder": features["text_encoder"]}
