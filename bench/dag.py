@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def write_cohort(folder: Path, n_slides: int, slides_per_job: int) -> Path:
+def write_cohort(folder: Path, n_slides: int, slides_per_job: int = 1) -> Path:
     """A TSV of n_slides TCGA-like rows (paths that do not exist) and a config using it."""
     table = folder / "slides.tsv"
     with table.open("w") as fh:
@@ -79,9 +79,12 @@ def run_once(config: Path, profile: str | None, workdir: Path) -> dict:
 
 def _job_counts(text: str) -> dict[str, int]:
     """The 'Job stats' table that `snakemake -n -q rules` prints: rule -> count."""
-    counts = {}
+    counts: dict[str, int] = {}
+    text = text.split("Job stats:")[1] if "Job stats:" in text else text  # printed twice: the first
+    text = text.split("\ntotal")[0] + "\ntotal" + text.split("\ntotal")[1].split("\n")[0] if "\ntotal" in text else text
     for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", text, re.M):
-        counts[m.group(1)] = int(m.group(2))
+        rule = re.sub(r"_shard_\d+$", "_shard", m.group(1))  # the shards of a stage, summed
+        counts[rule] = counts.get(rule, 0) + int(m.group(2))
     return counts
 
 

@@ -95,7 +95,7 @@ def test_command_line_config_values_reach_the_rules_typed(workdir):
     # the tiles jobs receive the resolved settings as JSON (a params rerun trigger)
     settings = json.loads(re.search(r"--settings '(\{.*?\})'", proc.stdout).group(1))
     assert settings["tiling"]["n_parents"] == 5 and settings["tiling"]["magnifications"] == [5, 10]
-    assert settings["thumbnail_mpp"] == 4.5 and settings["failures_fatal"] is True
+    assert settings["wsi"]["thumbnail_mpp"] == 4.5 and settings["failures_fatal"] is True
     assert settings["mpp_fallback"] is None and settings["tissue"]["work_mpp"] is None
     assert settings["tissue"]["fill_holes"] is True and settings["tiling"]["patch_px"] == 512  # the rest: config.yaml
     header = (REPO / "config.yaml").read_text().split("\n\n", 1)[0]
@@ -115,6 +115,7 @@ def test_an_ablation_from_the_command_line_is_typed_and_checked(workdir):
                     "--", target)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     settings = json.loads(re.search(r"--settings '(\{.*?\})' --run-dir results/pretrain/short", proc.stdout).group(1))
+    settings = settings["pretrain"]  # keyed by config section, like every verb's --settings
     assert settings["train"]["steps"] == 3 and settings["loss"]["weights"]["mrtva"] == 0
     assert settings["train"]["log_every"] == 1  # the rest: the main pretrain section
     proc = _dry_run(workdir, "--config", "ablations={short: {train: {steps: three}}}", "--", target)

@@ -65,3 +65,15 @@ def test_slurm_profile_packs_tiles_jobs_in_groups_of_50(tmp_path, n_slides):
     # the members of a group are printed indented under its header
     sizes = sorted(len(re.findall(r"^    rule tiles_slide:", g, re.M)) for g in groups)
     assert sum(sizes) == n_slides and max(sizes) == 50, sizes
+
+
+def test_the_job_unit_shards_every_per_slide_stage(tmp_path):
+    """slides_per_job of the tiles (wsi), captions and features sections: 120 slides in shards of
+    50 are 3 jobs per per-slide stage, none per slide."""
+    config = bench.write_cohort(tmp_path, 120, slides_per_job=50)
+    work = tmp_path / "work"
+    work.mkdir()
+    jobs = bench.run_once(config, None, work)["jobs"]
+    for stage in ("tiles", "captions", "keywords", "features", "text_features"):
+        assert jobs.get(f"{stage}_shard") == 3 and f"{stage}_slide" not in jobs, jobs
+    assert jobs["slides_table"] == 1 and jobs["pretrain"] == 1
