@@ -10,7 +10,10 @@ import re
 import sys
 from pathlib import Path
 
+from mrplip_core.jobs import write_shard_marker
+
 PATCH_ID_RE = re.compile(r"^(?P<slide>.+)_(?P<mag>[0-9.]+)x_x(?P<x>\d+)_y(?P<y>\d+)$")
+
 
 
 def _cmd_demo_slide(a: argparse.Namespace) -> int:
@@ -45,6 +48,8 @@ def _cmd_tiles(a: argparse.Namespace) -> int:
                   f"({rec['elapsed_s']} s)")
         else:
             print(f"{sid}: FAILED, recorded: {rec['error']}", file=sys.stderr)
+    if a.done:  # a shard job (slides_per_job > 1): its marker, once every slide is done
+        write_shard_marker(a.done, "tiles", a.slide_ids)
     return 0
 
 
@@ -111,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", default="results", help="the workflow's results folder (writes tiles/, tissue/, slides/)")
     s.add_argument("--settings", default="", help="JSON of the config sections wsi, mpp_fallback, failures_fatal, "
                                                    "tissue, tiling (keyed by section name)")
+    s.add_argument("--done", default=None, help="write this shard marker once every slide is done (rules, slides_per_job > 1)")
     s.set_defaults(func=_cmd_tiles)
 
     s = sub.add_parser("slides-table", help="collect the per-slide records into results/slides.parquet")

@@ -15,7 +15,9 @@ This module imports nothing of the project.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -56,3 +58,22 @@ def read_sections(text: str | None, *sections: str, verb: str) -> dict[str, Any]
         raise ValueError(f"mrplip {verb}: --settings lacks the config section(s) {missing}; "
                          f"it is a JSON object keyed by section name (got keys {sorted(data)})")
     return {s: data[s] for s in sections}
+
+
+def shards_holding(slide_ids: Sequence[str], shards: Sequence[Sequence[str]]) -> list[int]:
+    """Indices of the ``shards`` that hold any of ``slide_ids`` (a later stage's shard waits for
+    these shards of an earlier stage), in order."""
+    wanted = set(slide_ids)
+    return [i for i, shard in enumerate(shards) if wanted.intersection(shard)]
+
+
+def write_shard_marker(path: str | os.PathLike[str], stage: str, slide_ids: Sequence[str], **info: Any) -> Path:
+    """Write the marker of a finished shard job (``layout`` ``*_shard`` artifacts): JSON of the
+    stage, its slides and ``info``, under a temporary name and then renamed, so a killed job
+    never leaves a marker."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"stage": stage, "slides": list(slide_ids), **info}, indent=1))
+    os.replace(tmp, path)
+    return path

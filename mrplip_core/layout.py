@@ -1,7 +1,10 @@
 """Where every stage's result files live: the one definition of the artifact contract.
 
 Each artifact has a name and a template below the results folder; ``{slide}``, ``{encoder}``,
-``{run}``, ``{model}`` and ``{dataset}`` are its wildcards. The library asks for a
+``{run}``, ``{model}``, ``{dataset}`` and ``{shard}`` are its wildcards. A ``*_shard`` artifact is
+the marker a shard job (``slides_per_job`` > 1) writes once all its slides are done: later
+stages and cohort-level jobs wait for those markers instead of 20,000 per-slide files, which
+keeps the plan of a cohort small (bench/README.md). The library asks for a
 :class:`~pathlib.Path` (``Layout("results").tiles("S1")``); the Snakemake rules ask for a
 pattern (``LAYOUT.pattern("tiles")`` -> ``"results/tiles/{slide}.parquet"``) or a list
 (``LAYOUT.expand("tiles", slide=ids)``). Both come from :data:`TEMPLATES`, so a result path is
@@ -31,14 +34,19 @@ TEMPLATES: dict[str, str] = {
     "tiles": "tiles/{slide}.parquet",  # the patch manifest (level-0 px boxes, magnification)
     "tissue_geojson": "tissue/{slide}.geojson",  # tissue polygons, level-0 px (QuPath)
     "tissue_qc": "tissue/{slide}.png",  # QC thumbnail: tissue outline, chosen parents
+    "tiles_shard": "tiles/.shards/shard_{shard}.json",  # a shard job's slides, written when all are done
     # captions stage (rules/captions.smk)
     "captions": "captions/{slide}.parquet",
     "keywords": "keywords/{slide}.parquet",
+    "captions_shard": "captions/.shards/shard_{shard}.json",
+    "keywords_shard": "keywords/.shards/shard_{shard}.json",
     # features stage (rules/features.smk)
     "image_features": "features/{encoder}/{slide}.h5",
     "image_features_dir": "features/{encoder}",
     "image_features_parts": "features/{encoder}/.parts",  # finished slides of a shard job, by settings
     "text_features": "text_features/{encoder}/{slide}.h5",
+    "image_features_shard": "features/{encoder}/.shards/shard_{shard}.json",
+    "text_features_shard": "text_features/{encoder}/.shards/shard_{shard}.json",
     # pretraining stage (rules/pretrain.smk)
     "run_dir": "pretrain/{run}",
     "model": "pretrain/{run}/model.safetensors",  # the exported model, written last

@@ -16,8 +16,8 @@ if CAPTIONS_PLAN.per_slide:
 
     rule captions_slide:
         input:
-            manifest=LAYOUT.pattern("tiles"),
-            record=LAYOUT.pattern("slide_record"),
+            lambda wc: stage_files("tiles", [wc.slide]),
+            lambda wc: stage_files("slide_record", [wc.slide]),
         output:
             LAYOUT.pattern("captions"),
         params:
@@ -35,7 +35,7 @@ if CAPTIONS_PLAN.per_slide:
     rule keywords_slide:
         input:
             captions=LAYOUT.pattern("captions"),
-            manifest=LAYOUT.pattern("tiles"),
+            manifest=lambda wc: stage_files("tiles", [wc.slide]),
         output:
             LAYOUT.pattern("keywords"),
         params:
@@ -57,22 +57,23 @@ else:
             name:
                 _name
             input:
-                manifests=LAYOUT.expand("tiles", slide=_ids),
-                records=LAYOUT.expand("slide_record", slide=_ids),
+                stage_files("tiles", _ids),
+                stage_files("slide_record", _ids),
             output:
                 LAYOUT.expand("captions", slide=_ids),
+                done=LAYOUT.pattern("captions_shard", shard=_shard),
             params:
                 slides=_quoted,
                 digest=CAPTIONS_PLAN.trigger,
                 version=VERSION,
             log:
-                f"logs/captions/{_shard}.log",
+                f"logs/captions/shard_{_shard}.log",
             threads: CAPTIONS.io_threads
             resources:
                 **CAPTIONS_RESOURCES,
             shell:
                 "{MRPLIP} captions {params.slides} --results {LAYOUT.root}"
-                " --settings {CAPTIONS_SETTINGS_ARG} --log-dir {CAPTIONS_LOGS} > {log} 2>&1"
+                " --settings {CAPTIONS_SETTINGS_ARG} --log-dir {CAPTIONS_LOGS} --done {output.done} > {log} 2>&1"
 
     for _name, _shard, _ids, _quoted in shard_rules("keywords", _CAPTION_SHARDS):
 
@@ -80,25 +81,27 @@ else:
             name:
                 _name
             input:
-                captions=LAYOUT.expand("captions", slide=_ids),
-                manifests=LAYOUT.expand("tiles", slide=_ids),
+                stage_files("captions", _ids),
+                stage_files("tiles", _ids),
             output:
                 LAYOUT.expand("keywords", slide=_ids),
+                done=LAYOUT.pattern("keywords_shard", shard=_shard),
             params:
                 slides=_quoted,
                 keywords=CAPTIONS_PLAN.keywords_trigger,
                 version=VERSION,
             log:
-                f"logs/keywords/{_shard}.log",
+                f"logs/keywords/shard_{_shard}.log",
             threads: 1
             resources:
                 mem_mb=4000,
                 runtime=10 + len(_ids),
             shell:
-                "{MRPLIP} keywords {params.slides} --results {LAYOUT.root} --settings {CAPTIONS_SETTINGS_ARG} > {log} 2>&1"
+                "{MRPLIP} keywords {params.slides} --results {LAYOUT.root} --settings {CAPTIONS_SETTINGS_ARG}"
+                " --done {output.done} > {log} 2>&1"
 
 
 rule captions:
     input:
-        LAYOUT.expand("captions", slide=SLIDE_IDS),
-        LAYOUT.expand("keywords", slide=SLIDE_IDS),
+        stage_files("captions", SLIDE_IDS),
+        stage_files("keywords", SLIDE_IDS),

@@ -11,6 +11,7 @@ import mrplip_core
 from mrplip_core.config_schema import apply_schema_types, load_schema
 from mrplip_core.captions.plan import CaptionsPlan
 from mrplip_core.features.plan import FeaturesPlan
+from mrplip_core.jobs import shards_holding
 from mrplip_core.layout import Layout
 from mrplip_core.wsi.plan import TilesPlan
 from mrplip_core.wsi.table import SLIDE_ID_PATTERN, read_slide_table
@@ -49,12 +50,48 @@ def apply_profile_resources(entry, rule_names):
 
 
 def shard_rules(stage, shards):
-    """(rule name ``{stage}_shard_{i}``, log name ``shard_{i}``, slide ids, ids quoted for the
-    shell) of each shard of ``stage``; the rules get the profile's ``{stage}_shard`` entry."""
+    """(rule name ``{stage}_shard_{i}``, shard index ``i`` as a string, slide ids, ids quoted for
+    the shell) of each shard of ``stage``; the rules get the profile's ``{stage}_shard`` entry."""
     names = [f"{stage}_shard_{i}" for i in range(len(shards))]
     apply_profile_resources(f"{stage}_shard", names)
-    return [(name, f"shard_{i}", ids, " ".join(shlex.quote(s) for s in ids))
+    return [(name, str(i), ids, " ".join(shlex.quote(s) for s in ids))
             for i, (name, ids) in enumerate(zip(names, shards))]
+
+
+_SHARDS = {}
+
+
+def _shards_of(plan):
+    key = id(plan)
+    if key not in _SHARDS:
+        _SHARDS[key] = plan.shards(SLIDE_IDS)
+    return _SHARDS[key]
+
+
+# Per-slide artifact -> (the plan of the stage that makes it, the marker of that stage's shards)
+STAGE_OF = {
+    "tiles": (TILES_PLAN, "tiles_shard"),
+    "slide_record": (TILES_PLAN, "tiles_shard"),
+    "tissue_geojson": (TILES_PLAN, "tiles_shard"),
+    "tissue_qc": (TILES_PLAN, "tiles_shard"),
+    "captions": (CAPTIONS_PLAN, "captions_shard"),
+    "keywords": (CAPTIONS_PLAN, "keywords_shard"),
+    "image_features": (FEATURES_PLAN, "image_features_shard"),
+    "text_features": (FEATURES_PLAN, "text_features_shard"),
+}
+
+
+def stage_files(name, slide_ids, **fixed):
+    """What a job that reads per-slide artifact ``name`` of ``slide_ids`` waits for: each slide's
+    file when its stage runs a job per slide, else the marker of every shard job holding them
+    (written once the whole shard is done). Waiting on markers keeps the plan of a 20,000-slide
+    cohort small: Snakemake looks up a few hundred files per stage, not 20,000. Features of an
+    encoder other than features.image_encoder are made per slide."""
+    plan, marker = STAGE_OF[name]
+    other_encoder = name == "image_features" and fixed.get("encoder") != FEATURES_PLAN.image_encoder
+    if plan.per_slide or other_encoder:
+        return LAYOUT.expand(name, slide=slide_ids, **fixed)
+    return LAYOUT.expand(marker, shard=[str(i) for i in shards_holding(slide_ids, _shards_of(plan))], **fixed)
 
 
 def per_attempt(base):

@@ -14,6 +14,7 @@ EVAL_PLAN = EvaluationPlan.from_config(
     SLIDE_IDS,
     run_encoders=PRETRAIN_PLAN.run_encoders,  # each run's image encoder, from its resolved section
     layout=LAYOUT,
+    slide_files=lambda name, **fixed: stage_files(name, SLIDE_IDS, **fixed),  # slides' files or shard markers
     bundled_root=os.path.normpath(os.path.join(workflow.basedir, "..")),  # shipped prompt files
 )
 EVAL = EVAL_PLAN.settings

@@ -16,8 +16,8 @@ if FEATURES_PLAN.per_slide:
 
     rule features_slide:
         input:
-            manifest=LAYOUT.pattern("tiles"),
-            record=LAYOUT.pattern("slide_record"),
+            lambda wc: stage_files("tiles", [wc.slide]),
+            lambda wc: stage_files("slide_record", [wc.slide]),
         output:
             LAYOUT.pattern("image_features"),
         wildcard_constraints:
@@ -36,8 +36,8 @@ if FEATURES_PLAN.per_slide:
 
     rule text_features_slide:
         input:
-            captions=LAYOUT.pattern("captions"),
-            keywords=LAYOUT.pattern("keywords"),
+            lambda wc: stage_files("captions", [wc.slide]),
+            lambda wc: stage_files("keywords", [wc.slide]),
         output:
             LAYOUT.pattern("text_features"),
         wildcard_constraints:
@@ -63,22 +63,23 @@ else:
             name:
                 _name
             input:
-                manifests=LAYOUT.expand("tiles", slide=_ids),
-                records=LAYOUT.expand("slide_record", slide=_ids),
+                stage_files("tiles", _ids),
+                stage_files("slide_record", _ids),
             output:
                 LAYOUT.expand("image_features", encoder=_IMAGE, slide=_ids),
+                done=LAYOUT.pattern("image_features_shard", encoder=_IMAGE, shard=_shard),
             params:
                 slides=_quoted,
                 trigger=FEATURES_PLAN.image_trigger,
                 version=VERSION,
             log:
-                f"logs/features/{_IMAGE}/{_shard}.log",
+                f"logs/features/{_IMAGE}/shard_{_shard}.log",
             threads: FEATURES.threads
             resources:
                 **FEATURES_RESOURCES,
             shell:
                 "{MRPLIP} features {params.slides} --encoder {_IMAGE} --results {LAYOUT.root}"
-                " --settings {FEATURES_SETTINGS_ARG} --threads {threads} > {log} 2>&1"
+                " --settings {FEATURES_SETTINGS_ARG} --threads {threads} --done {output.done} > {log} 2>&1"
 
     for _name, _shard, _ids, _quoted in shard_rules("text_features", _FEATURE_SHARDS):
 
@@ -86,25 +87,26 @@ else:
             name:
                 _name
             input:
-                captions=LAYOUT.expand("captions", slide=_ids),
-                keywords=LAYOUT.expand("keywords", slide=_ids),
+                stage_files("captions", _ids),
+                stage_files("keywords", _ids),
             output:
                 LAYOUT.expand("text_features", encoder=_TEXT, slide=_ids),
+                done=LAYOUT.pattern("text_features_shard", encoder=_TEXT, shard=_shard),
             params:
                 slides=_quoted,
                 trigger=FEATURES_PLAN.text_trigger(_TEXT),
                 version=VERSION,
             log:
-                f"logs/text_features/{_TEXT}/{_shard}.log",
+                f"logs/text_features/{_TEXT}/shard_{_shard}.log",
             threads: FEATURES.threads
             resources:
                 **FEATURES_RESOURCES,
             shell:
                 "{MRPLIP} text-features {params.slides} --encoder {_TEXT} --results {LAYOUT.root}"
-                " --settings {FEATURES_SETTINGS_ARG} --threads {threads} > {log} 2>&1"
+                " --settings {FEATURES_SETTINGS_ARG} --threads {threads} --done {output.done} > {log} 2>&1"
 
 
 rule features:
     input:
-        LAYOUT.expand("image_features", encoder=FEATURES_PLAN.image_encoder, slide=SLIDE_IDS),
-        LAYOUT.expand("text_features", encoder=FEATURES_PLAN.text_encoder, slide=SLIDE_IDS),
+        stage_files("image_features", SLIDE_IDS, encoder=FEATURES_PLAN.image_encoder),
+        stage_files("text_features", SLIDE_IDS, encoder=FEATURES_PLAN.text_encoder),

@@ -37,10 +37,11 @@ def pretrain_inputs(run):
     plan = PRETRAIN_PLAN.runs[run]
     return dict(
         slides=LAYOUT.pattern("slides_table"),
-        tiles=LAYOUT.expand("tiles", slide=SLIDE_IDS),
-        captions=LAYOUT.expand("captions", slide=SLIDE_IDS),
-        image_features=LAYOUT.expand("image_features", encoder=plan.image_encoder, slide=SLIDE_IDS),
-        text_features=LAYOUT.expand("text_features", encoder=plan.text_encoder, slide=SLIDE_IDS),
+        tiles=stage_files("tiles", SLIDE_IDS),
+        captions=stage_files("captions", SLIDE_IDS),
+        image_features=stage_files("image_features", SLIDE_IDS, encoder=plan.image_encoder),
+        text_features=stage_files("text_features", SLIDE_IDS, encoder=plan.text_encoder
+        ),
     )
 
 

@@ -53,25 +53,26 @@ else:
                 slide_files(_ids),
             output:
                 **{name: LAYOUT.expand(name, slide=_ids) for name in TILES_OUTPUTS},
+                done=LAYOUT.pattern("tiles_shard", shard=_shard),
             params:
                 slides=_quoted,
                 rows=slide_rows(SLIDES, _ids),
                 settings=TILES_PLAN.trigger,
                 version=VERSION,
             log:
-                f"logs/tiles/{_shard}.log",
+                f"logs/tiles/shard_{_shard}.log",
             threads: 1
             resources:
                 mem_mb=2000,
                 runtime=per_attempt(10 + 2 * len(_ids)),  # minutes: a slide takes seconds
             shell:
                 "{MRPLIP} tiles {params.slides} --table {config[slides]:q} --results {LAYOUT.root}"
-                " --settings {TILES_SETTINGS_ARG} > {log} 2>&1"
+                " --settings {TILES_SETTINGS_ARG} --done {output.done} > {log} 2>&1"
 
 
 rule slides_table:
     input:
-        LAYOUT.expand("slide_record", slide=SLIDE_IDS),
+        stage_files("slide_record", SLIDE_IDS),
     output:
         LAYOUT.pattern("slides_table"),
     params:
@@ -90,4 +91,4 @@ rule slides_table:
 rule tiles:
     input:
         LAYOUT.pattern("slides_table"),
-        LAYOUT.expand("tiles", slide=SLIDE_IDS),
+        stage_files("tiles", SLIDE_IDS),

@@ -7,10 +7,13 @@ import json
 import logging
 import sys
 
+from mrplip_core.jobs import write_shard_marker
+
 
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
 
 
 def _cmd_captions(a: argparse.Namespace) -> int:
@@ -21,6 +24,8 @@ def _cmd_captions(a: argparse.Namespace) -> int:
     jobs = [SlideJob.under(a.results, sid) for sid in a.slide_ids]
     summary = caption_slides(jobs, settings, log_dir=a.log_dir)
     print(json.dumps(summary, indent=1))
+    if a.done:  # a shard job (slides_per_job > 1): its marker, once every slide is done
+        write_shard_marker(a.done, "captions", a.slide_ids)
     return 0
 
 
@@ -43,6 +48,8 @@ def _cmd_keywords(a: argparse.Namespace) -> int:
         out = layout.keywords(sid)
         df = keywords_for_slide(layout.captions(sid), layout.tiles(sid), out, settings.keywords)
         print(f"{sid}: {df['bag_id'].nunique()} bags, {len(df)} (bag, keyword) rows -> {out}")
+    if a.done:  # a shard job (slides_per_job > 1): its marker, once every slide is done
+        write_shard_marker(a.done, "keywords", a.slide_ids)
     return 0
 
 
@@ -53,10 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--results", default="results", help="results folder (reads tiles/, slides/; writes captions/)")
     s.add_argument("--settings", default=None, help="JSON of the config sections the stage uses: {\"captions\": {...}}")
     s.add_argument("--log-dir", default=None, help="folder for the vLLM server log (managed server)")
+    s.add_argument("--done", default=None, help="write this shard marker once every slide is done (rules, slides_per_job > 1)")
     s.set_defaults(func=_cmd_captions)
 
     s = sub.add_parser("keywords", help="textual bags: keywords of each bag's captions, for slides")
     s.add_argument("slide_ids", nargs="+", metavar="SLIDE_ID")
     s.add_argument("--results", default="results", help="results folder (reads captions/, tiles/; writes keywords/)")
     s.add_argument("--settings", default=None, help="JSON of the config sections the stage uses: {\"captions\": {...}}")
+    s.add_argument("--done", default=None, help="write this shard marker once every slide is done (rules, slides_per_job > 1)")
     s.set_defaults(func=_cmd_keywords)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,10 @@ class EvaluationPlan:
     baselines: list[str]  # frozen image encoders (registry names)
     slide_ids: list[str] = field(default_factory=list)
     layout: Layout = field(default_factory=Layout)
+    #: What a cohort-level job waits for of per-slide artifact ``name`` (``**fixed``: e.g. the
+    #: encoder): the rules pass their own (each slide's file, or the stage's shard markers);
+    #: by default each slide's file.
+    slide_files: Callable[..., list[str]] | None = None
     #: Folder that relative paths fall back to when they do not exist in the working
     #: directory: the repository, so the shipped evaluation/prompts/*.json work from any -d.
     bundled_root: str | None = None
@@ -34,7 +38,8 @@ class EvaluationPlan:
     @classmethod
     def from_config(cls, config: Mapping[str, Any], slide_ids: Sequence[str] = (), *,
                     run_encoders: Mapping[str, str] | None = None, layout: Layout | None = None,
-                    bundled_root: str | None = None) -> EvaluationPlan:
+                    bundled_root: str | None = None,
+                    slide_files: Callable[..., list[str]] | None = None) -> EvaluationPlan:
         """The plan of a (validated) workflow config.
 
         ``run_encoders``: every pretraining run of the config and the image encoder it trains
@@ -55,7 +60,7 @@ class EvaluationPlan:
         clash = sorted({r for r in known if r.startswith(BASELINE_PREFIX) or r in ("features",)})
         if clash:
             raise ValueError(f"pretrain run names {clash} are reserved by evaluation (frozen-*, features)")
-        return cls(settings, known, baselines, list(slide_ids), layout, bundled_root=bundled_root)
+        return cls(settings, known, baselines, list(slide_ids), layout, slide_files, bundled_root=bundled_root)
 
     @property
     def runs(self) -> list[str]:
@@ -121,23 +126,27 @@ class EvaluationPlan:
     def retrieval_inputs(self, run: str) -> dict[str, list[str] | str]:
         """The run's export, and captions and image features of every slide (the held-out
         ones are known only from the run's bag index, written when it trains)."""
-        ids = self.slide_ids
         return {
             "model": self.model_export(run),
-            "captions": self.layout.expand("captions", slide=ids),
-            "features": self.layout.expand("image_features", encoder=self.run_encoders[run], slide=ids),
+            "captions": self.cohort_files("captions"),
+            "features": self.cohort_files("image_features", encoder=self.run_encoders[run]),
         }
 
     def report_inputs(self) -> dict[str, list[str] | str]:
-        ids = self.slide_ids
         return {
             "summary": str(self.layout.eval_summary),
             "slides": str(self.layout.slides_table),
-            "qc": self.layout.expand("tissue_qc", slide=ids),
-            "captions": self.layout.expand("captions", slide=ids),
-            "keywords": self.layout.expand("keywords", slide=ids),
+            "qc": self.cohort_files("tissue_qc"),
+            "captions": self.cohort_files("captions"),
+            "keywords": self.cohort_files("keywords"),
             "runs": [self.model_export(run) for run in self.runs],
         }
+
+    def cohort_files(self, name: str, **fixed: str) -> list[str]:
+        """The files a cohort-level job waits for of per-slide artifact ``name``."""
+        if self.slide_files is not None:
+            return self.slide_files(name, **fixed)
+        return self.layout.expand(name, slide=self.slide_ids, **fixed)
 
     # -- rerun triggers -----------------------------------------------------------------------
     def tile_features_trigger(self, dataset: str) -> str:

@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from mrplip_core.jobs import write_shard_marker
+
 
 def _plan(a: argparse.Namespace):  # -> FeaturesPlan
     """The features plan of the verb's ``--settings`` (sections ``features``, ``failures_fatal``)."""
@@ -23,6 +25,7 @@ def _plan(a: argparse.Namespace):  # -> FeaturesPlan
     if a.encoder:
         features["image_encoder" if a.verb == "features" else "text_encoder"] = a.encoder
     return FeaturesPlan.from_config({"features": features})
+
 
 
 def _cmd_features(a: argparse.Namespace) -> int:
@@ -41,6 +44,8 @@ def _cmd_features(a: argparse.Namespace) -> int:
         for s in extract_image_shard(a.slide_ids, layout, plan.settings, trigger=trigger, threads=a.threads):
             print(f"{s['slide_id']}: {s['status']}" + (f", {s['n_patches']} patches, {s.get('images_per_s')} img/s"
                                                       if s["status"] == "ok" else f" {s.get('error') or s.get('part', '')}"))
+        if a.done:  # a shard job (slides_per_job > 1): its marker, once every slide is done
+            write_shard_marker(a.done, "features", a.slide_ids)
         return 0
     sid = a.slide_ids[0]
     out = layout.image_features(plan.image_encoder, sid)
@@ -51,6 +56,8 @@ def _cmd_features(a: argparse.Namespace) -> int:
               f"loader wait {s['loader_wait_s']} s of {s['elapsed_s']} s -> {out}")
     else:
         print(f"{sid}: {s['status'].upper()}, recorded in {out}: {s['error']}", file=sys.stderr)
+    if a.done:  # a shard job (slides_per_job > 1): its marker, once every slide is done
+        write_shard_marker(a.done, "features", a.slide_ids)
     return 0
 
 
@@ -73,6 +80,8 @@ def _cmd_text_features(a: argparse.Namespace) -> int:
         s = extract_text_features(sid, layout.captions(sid), layout.keywords(sid), out, settings, encoder=encoder)
         print(f"{sid}: {s['n_keywords']} keywords ({s['n_distinct_keywords']} distinct), "
               f"{s['n_captions']} captions ({s['n_truncated_captions']} truncated), encoder {s['encoder']} -> {out}")
+    if a.done:  # a shard job (slides_per_job > 1): its marker, once every slide is done
+        write_shard_marker(a.done, "text_features", a.slide_ids)
     return 0
 
 
@@ -97,6 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--encoder", default=None, help="registry name (default: features.image_encoder)")
     s.add_argument("--settings", default="", help=settings_help)
     s.add_argument("--threads", type=int, default=1, help="cores of this job (default DataLoader workers)")
+    s.add_argument("--done", default=None, help="write this shard marker once every slide is done (rules, slides_per_job > 1)")
     s.set_defaults(func=_cmd_features)
 
     s = sub.add_parser("text-features", help="keyword and caption features of slides into HDF5")
@@ -106,6 +116,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--encoder", default=None, help="registry name (default: features.text_encoder)")
     s.add_argument("--settings", default="", help=settings_help)
     s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--done", default=None, help="write this shard marker once every slide is done (rules, slides_per_job > 1)")
     s.set_defaults(func=_cmd_text_features)
 
     s = sub.add_parser("encoders", help="list the registered encoders")
