@@ -103,5 +103,5 @@ else:
 
 rule captions:
     input:
-        stage_files("captions", SLIDE_IDS),
-        stage_files("keywords", SLIDE_IDS),
+        stage_target("captions"),
+        stage_target("keywords"),

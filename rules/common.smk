@@ -68,30 +68,66 @@ def _shards_of(plan):
     return _SHARDS[key]
 
 
-# Per-slide artifact -> (the plan of the stage that makes it, the marker of that stage's shards)
-STAGE_OF = {
-    "tiles": (TILES_PLAN, "tiles_shard"),
-    "slide_record": (TILES_PLAN, "tiles_shard"),
-    "tissue_geojson": (TILES_PLAN, "tiles_shard"),
-    "tissue_qc": (TILES_PLAN, "tiles_shard"),
-    "captions": (CAPTIONS_PLAN, "captions_shard"),
-    "keywords": (CAPTIONS_PLAN, "keywords_shard"),
-    "image_features": (FEATURES_PLAN, "image_features_shard"),
-    "text_features": (FEATURES_PLAN, "text_features_shard"),
+# The per-slide artifacts of each stage's jobs, the plan that cuts the stage into jobs, and the
+# marker a shard job of that stage writes once all its slides are done.
+STAGES = {
+    "tiles": (TILES_PLAN, "tiles_shard", ("tiles", "slide_record", "tissue_geojson", "tissue_qc")),
+    "captions": (CAPTIONS_PLAN, "captions_shard", ("captions",)),
+    "keywords": (CAPTIONS_PLAN, "keywords_shard", ("keywords",)),
+    "image_features": (FEATURES_PLAN, "image_features_shard", ("image_features",)),
+    "text_features": (FEATURES_PLAN, "text_features_shard", ("text_features",)),
 }
+STAGE_OF = {name: stage for stage, (_, _, names) in STAGES.items() for name in names}
+_MISSING = {}
+
+
+def _missing_after_marker(stage, **fixed):
+    """Slide -> its outputs of ``stage`` that are missing although their shard's marker exists
+    (deleted by hand, or lost): asking for them makes Snakemake rerun that shard's job."""
+    key = (stage, tuple(sorted(fixed.items())))
+    if key not in _MISSING:
+        plan, marker, names = STAGES[stage]
+        missing = {}
+        for i, ids in enumerate(_shards_of(plan)):
+            if os.path.exists(LAYOUT.path(marker, shard=str(i), **fixed)):
+                for sid in ids:
+                    gone = [p for p in (str(LAYOUT.path(n, slide=sid, **fixed)) for n in names) if not os.path.exists(p)]
+                    if gone:
+                        missing[sid] = gone
+        _MISSING[key] = missing
+    return _MISSING[key]
+
+
+def _sharded(stage, **fixed):
+    """Whether ``stage`` runs in shard jobs here (features of an encoder other than
+    features.image_encoder are made per slide)."""
+    other_encoder = stage == "image_features" and fixed.get("encoder") != FEATURES_PLAN.image_encoder
+    return not (STAGES[stage][0].per_slide or other_encoder)
 
 
 def stage_files(name, slide_ids, **fixed):
     """What a job that reads per-slide artifact ``name`` of ``slide_ids`` waits for: each slide's
     file when its stage runs a job per slide, else the marker of every shard job holding them
-    (written once the whole shard is done). Waiting on markers keeps the plan of a 20,000-slide
-    cohort small: Snakemake looks up a few hundred files per stage, not 20,000. Features of an
-    encoder other than features.image_encoder are made per slide."""
-    plan, marker = STAGE_OF[name]
-    other_encoder = name == "image_features" and fixed.get("encoder") != FEATURES_PLAN.image_encoder
-    if plan.per_slide or other_encoder:
+    (written once the whole shard is done). Waiting on markers keeps the plan of a
+    20,000-slide cohort small: Snakemake looks up a few hundred files per stage, not 20,000."""
+    stage = STAGE_OF[name]
+    plan, marker, _ = STAGES[stage]
+    if not _sharded(stage, **fixed):
         return LAYOUT.expand(name, slide=slide_ids, **fixed)
     return LAYOUT.expand(marker, shard=[str(i) for i in shards_holding(slide_ids, _shards_of(plan))], **fixed)
+
+
+def stage_target(stage, **fixed):
+    """A stage target's inputs (rules tiles, captions, features and so all): the stage's files of
+    every slide, and, in shard jobs, any slide's output that went missing after its shard was
+    done, so that deleting a slide's file and running the target rebuilds it (its shard job
+    reruns). Only the targets ask for those: a rule with outputs would see its set of inputs
+    change and rerun once more."""
+    plan, marker, names = STAGES[stage]
+    files = stage_files(names[0], SLIDE_IDS, **fixed)
+    if _sharded(stage, **fixed):
+        files += [p for paths in _missing_after_marker(stage, **fixed).values() for p in paths]
+    return files
 
 
 def per_attempt(base):

@@ -108,5 +108,5 @@ else:
 
 rule features:
     input:
-        stage_files("image_features", SLIDE_IDS, encoder=FEATURES_PLAN.image_encoder),
-        stage_files("text_features", SLIDE_IDS, encoder=FEATURES_PLAN.text_encoder),
+        stage_target("image_features", encoder=FEATURES_PLAN.image_encoder),
+        stage_target("text_features", encoder=FEATURES_PLAN.text_encoder),

@@ -91,4 +91,4 @@ rule slides_table:
 rule tiles:
     input:
         LAYOUT.pattern("slides_table"),
-        stage_files("tiles", SLIDE_IDS),
+        stage_target("tiles"),
