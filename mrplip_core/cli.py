@@ -94,6 +94,8 @@ def _cmd_tile(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mrplip_core.layout import Layout
+
     p = argparse.ArgumentParser(prog="mrplip", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
 
@@ -113,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "tissue, tiling (keyed by section name)")
     s.set_defaults(func=_cmd_tiles)
 
-    s = sub.add_parser("slides-table", help="collect the per-slide records into results/slides.parquet")
+    s = sub.add_parser("slides-table", help=f"collect the per-slide records into {Layout().slides_table}")
     s.add_argument("--table", required=True, help="the slide table (TSV)")
     s.add_argument("--results", default="results", help="the workflow's results folder")
     s.add_argument("--fatal", action="store_true", help="exit 1 when any slide failed")
