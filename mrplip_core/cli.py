@@ -99,6 +99,8 @@ def _cmd_tile(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mrplip_core.layout import Layout
+
     p = argparse.ArgumentParser(prog="mrplip", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
 
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--done", default=None, help="write this shard marker once every slide is done (rules, slides_per_job > 1)")
     s.set_defaults(func=_cmd_tiles)
 
-    s = sub.add_parser("slides-table", help="collect the per-slide records into results/slides.parquet")
+    s = sub.add_parser("slides-table", help=f"collect the per-slide records into {Layout().slides_table}")
     s.add_argument("--table", required=True, help="the slide table (TSV)")
     s.add_argument("--results", default="results", help="the workflow's results folder")
     s.add_argument("--fatal", action="store_true", help="exit 1 when any slide failed")

@@ -104,6 +104,7 @@ def test_report_has_every_section_and_every_image_exists(results: Path) -> None:
     assert sum(s.startswith("img/qc_") for s in srcs) == len(SLIDES)
     assert sum(s.startswith("img/patch_") for s in srcs) == 3 * 3  # 3 bags x (5x, 10x, 20x)
     assert "img/loss_demo-run.png" in srcs
+    assert "<td>3 results</td>" in html  # the overview counts every metrics.json below eval/
     assert sum(s.startswith("img/cm_") for s in srcs) == 3  # baseline: probe; run: zero-shot + probe
     assert "purple nuclei in red stroma" in html and "bag keywords: purple nuclei, red stroma" in html
     assert "CVTA on · MRTVA off" in html and "ITC + ITM + MLM + PLM + CVTA" in html

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mrplip_core.encoders.catalog import DEFAULT_IMAGE_ENCODER
+from mrplip_core.layout import Layout
 
 
 @dataclass(frozen=True)
@@ -63,27 +64,34 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class CorpusPaths:
-    """Paths of the per-slide artifacts the pretraining stage reads."""
+    """The per-slide artifacts the pretraining stage reads, for one pair of encoders.
+
+    Every path comes from :class:`~mrplip_core.layout.Layout` (``results`` is its root).
+    """
 
     results: Path
     image_encoder: str
     text_encoder: str
 
     @property
+    def layout(self) -> Layout:
+        return Layout(self.results)
+
+    @property
     def slides(self) -> Path:
-        return self.results / "slides.parquet"
+        return self.layout.slides_table
 
     def manifest(self, slide_id: str) -> Path:
-        return self.results / "tiles" / f"{slide_id}.parquet"
+        return self.layout.tiles(slide_id)
 
     def image_features(self, slide_id: str) -> Path:
-        return self.results / "features" / self.image_encoder / f"{slide_id}.h5"
+        return self.layout.image_features(self.image_encoder, slide_id)
 
     def text_features(self, slide_id: str) -> Path:
-        return self.results / "text_features" / self.text_encoder / f"{slide_id}.h5"
+        return self.layout.text_features(self.text_encoder, slide_id)
 
     def captions(self, slide_id: str) -> Path:
-        return self.results / "captions" / f"{slide_id}.parquet"
+        return self.layout.captions(slide_id)
 
     def slide_files(self, slide_id: str) -> dict[str, Path]:
         return {

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mrplip_core.layout import RETRIEVAL, Layout
+from mrplip_core.layout import RESULTS, RETRIEVAL, Layout
 
 
 def _logging() -> None:
@@ -72,14 +72,14 @@ def _cmd_eval_features(a: argparse.Namespace) -> int:
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from mrplip_core.evaluation.embedders import build_embedder
     from mrplip_core.evaluation.prompts import PromptSet
-    from mrplip_core.evaluation.run import evaluate_dataset, skipped_dataset
+    from mrplip_core.evaluation.run import METRICS_JSON, evaluate_dataset, skipped_dataset
 
     settings, features = _start(a)
     spec, dataset, reason = _dataset(settings, a.dataset)
     out = Path(a.out or Layout(a.results).eval_result_dir(a.model, a.dataset))
     if dataset is None:
         skipped_dataset(a.model, spec, reason or "", out)
-        print(f"{a.model} on {spec.name}: skipped ({reason}) -> {out}/metrics.json")
+        print(f"{a.model} on {spec.name}: skipped ({reason}) -> {out / METRICS_JSON}")
         return 0
     embedder = build_embedder(a.model, results=a.results, features=features, embedding=settings.embedding)
     prompt_file = a.prompts or spec.prompts
@@ -125,7 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("eval-features", help="frozen-encoder features of an evaluation tile set (HDF5)")
     s.add_argument("--dataset", required=True, help="a key of evaluation.datasets")
     s.add_argument("--encoder", required=True, help="image encoder registry name")
-    s.add_argument("--out", required=True, help="results/eval/features/{encoder}/{dataset}.h5")
+    s.add_argument("--out", required=True, help=f"the features file ({Layout().pattern('eval_tile_features')})")
     s.add_argument("--settings", default="", help=settings_help)
     s.add_argument("--threads", type=int, default=2)
     s.set_defaults(func=_cmd_eval_features)
@@ -133,7 +133,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("evaluate", help="zero-shot, linear probe and k-shot of one model on one tile set")
     s.add_argument("--model", required=True, help="frozen-{encoder} (baseline) or a pretrain run name")
     s.add_argument("--dataset", required=True, help="a key of evaluation.datasets")
-    s.add_argument("--results", default="results", help="the workflow's results folder")
+    s.add_argument("--results", default=RESULTS, help="the workflow's results folder")
     s.add_argument("--out", default=None, help="output folder (default RESULTS/eval/MODEL/DATASET)")
     s.add_argument("--tile-features", default=None, help="cached frozen features of the tiles (eval-features)")
     s.add_argument("--prompts", default=None, help="zero-shot prompt JSON; default: the dataset's evaluation.datasets.{name}.prompts")
@@ -143,7 +143,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("evaluate-retrieval", help="image<->text recall@K on held-out patch/caption pairs")
     s.add_argument("--model", required=True, help="a pretrain run name")
-    s.add_argument("--results", default="results")
+    s.add_argument("--results", default=RESULTS)
     s.add_argument("--out", default=None, help="output folder (default RESULTS/eval/MODEL/retrieval)")
     s.add_argument("--settings", default="", help=settings_help)
     s.add_argument("--threads", type=int, default=2)
@@ -151,5 +151,5 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("eval-summary", help="one CSV row per (model, dataset, task) from metrics.json files")
     s.add_argument("metrics", nargs="*", help="metrics.json files")
-    s.add_argument("--out", required=True, help="results/eval/summary.csv")
+    s.add_argument("--out", required=True, help=f"the summary CSV ({Layout().eval_summary})")
     s.set_defaults(func=_cmd_eval_summary)

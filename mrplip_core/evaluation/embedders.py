@@ -26,7 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from mrplip_core.evaluation.settings import BASELINE_PREFIX, EmbeddingSettings
-from mrplip_core.train.summary import read_run_config, run_summary
+from mrplip_core.layout import RESULTS, TEMPLATES, Layout
+from mrplip_core.train.summary import RUN_CONFIG_FILE, read_run_config, run_summary
 from mrplip_core.wsi.magnification import mpp_to_magnification
 
 
@@ -189,14 +190,18 @@ class MRPLIPEmbedder:
         data = config.get("data", {})
         encoder_name = str(data.get("image_encoder", ""))
         if not encoder_name:
-            raise ValueError(f"{run_dir / 'config.yaml'}: pretrain.data.image_encoder is not recorded")
+            raise ValueError(f"{run_dir / RUN_CONFIG_FILE}: pretrain.data.image_encoder is not recorded")
         e = embedding or EmbeddingSettings()
         model = load(run_dir, device=resolve_device(e.device))
-        results = Path(results) if results is not None else run_dir.parent.parent
+        if results is None:  # the results folder holding the run folder (the layout's pretrain/{run}: two levels up)
+            results = run_dir
+            for _ in Path(TEMPLATES["run_dir"]).parts:
+                results = results.parent
 
         def encoder() -> FrozenImageEncoder:
             enc = FrozenImageEncoder.load(encoder_name, features, e)
-            check_weights_match(results / "features" / encoder_name, enc.encoder.weights.sha256, encoder_name)
+            check_weights_match(Layout(results).image_features_dir(encoder_name), enc.encoder.weights.sha256,
+                                encoder_name)
             return enc
 
         return cls(model, run_dir.name, encoder_name, encoder, config)
@@ -230,7 +235,7 @@ def check_weights_match(features_dir: Path, sha256: str, encoder: str) -> None:
             )
 
 
-def build_embedder(model_id: str, *, results: str | Path = "results", features: Any = None,
+def build_embedder(model_id: str, *, results: str | Path = RESULTS, features: Any = None,
                    embedding: EmbeddingSettings | None = None) -> ImageTextEmbedder:
     """``frozen-{encoder}``: the baseline; anything else: the pretrain run of that name."""
     if model_id.startswith(BASELINE_PREFIX):
@@ -239,7 +244,7 @@ def build_embedder(model_id: str, *, results: str | Path = "results", features: 
 
         get_spec(name)  # unknown names fail here, listing the registered ones
         return FrozenEncoderEmbedder(name, lambda: FrozenImageEncoder.load(name, features, embedding))
-    return MRPLIPEmbedder.from_run(Path(results) / "pretrain" / model_id, features=features, embedding=embedding,
+    return MRPLIPEmbedder.from_run(Layout(results).run_dir(model_id), features=features, embedding=embedding,
                                    results=results)
 
 

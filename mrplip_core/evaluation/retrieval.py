@@ -23,6 +23,7 @@ from mrplip_core.evaluation.embedders import FeatureEmbedder, ImageTextEmbedder
 from mrplip_core.evaluation.metrics import recall_at_k
 from mrplip_core.evaluation.settings import RetrievalSettings
 from mrplip_core.evaluation.zeroshot import l2_normalize
+from mrplip_core.layout import Layout
 from mrplip_core.wsi.magnification import format_magnification
 
 
@@ -38,8 +39,10 @@ def held_out_slides(run_dir: str | Path) -> list[str]:
 def captioned_slides(results: str | Path) -> list[str]:
     """Slides with a captions file that are in the current cohort (``results/slides.parquet``,
     when present: captions of slides since removed from the slide table are left out)."""
-    found = sorted(p.stem for p in (Path(results) / "captions").glob("*.parquet"))
-    table = Path(results) / "slides.parquet"
+    layout = Layout(results)
+    every = layout.captions("*")  # the captions template with any slide
+    found = sorted(p.stem for p in every.parent.glob(every.name))
+    table = layout.slides_table
     if table.exists():
         cohort = set(pd.read_parquet(table, columns=["slide_id"])["slide_id"].astype(str))
         found = [s for s in found if s in cohort]
@@ -54,11 +57,11 @@ def retrieval_pairs(results: str | Path, slide_ids: Sequence[str], settings: Ret
     most twice its even share before the final draw, so memory stays bounded by
     ``max_pairs`` however many slides are held out.
     """
-    results = Path(results)
+    layout = Layout(results)
     frames = []
     per_slide = max(1, -(-2 * settings.max_pairs // max(1, len(slide_ids))))
     for i, sid in enumerate(slide_ids):
-        cap_path, man_path = results / "captions" / f"{sid}.parquet", results / "tiles" / f"{sid}.parquet"
+        cap_path, man_path = layout.captions(sid), layout.tiles(sid)
         if not cap_path.exists() or not man_path.exists():
             continue
         cap = pd.read_parquet(cap_path, columns=["patch_id", "caption"])
@@ -82,25 +85,25 @@ def retrieval_pairs(results: str | Path, slide_ids: Sequence[str], settings: Ret
 
 def embed_pair_images(embedder: ImageTextEmbedder, pairs: pd.DataFrame, results: str | Path) -> tuple[np.ndarray, str]:
     """Image embeddings of ``pairs`` (row order) and where they came from."""
-    results = Path(results)
+    layout = Layout(results)
     out: np.ndarray | None = None
     encoder = getattr(embedder, "image_encoder", None)
     use_features = isinstance(embedder, FeatureEmbedder) and encoder and all(
-        (results / "features" / encoder / f"{s}.h5").exists() for s in pairs["slide_id"].unique())
+        layout.image_features(encoder, s).exists() for s in pairs["slide_id"].unique())
     groups = pairs.groupby(["slide_id", "magnification"], sort=False)
     for (sid, mag), rows in groups:
         if use_features:
-            feats = _stored_features(results / "features" / encoder / f"{sid}.h5", float(mag), rows["patch_id"].tolist())
+            feats = _stored_features(layout.image_features(encoder, sid), float(mag), rows["patch_id"].tolist())
             emb = embedder.embed_features(feats, 10.0 / float(mag))  # type: ignore[union-attr]
         else:
             from mrplip_core.wsi.records import read_patch_image
 
-            images = [read_patch_image(results, str(sid), pid) for pid in rows["patch_id"]]
+            images = [read_patch_image(layout, str(sid), pid) for pid in rows["patch_id"]]
             emb = embedder.embed_images(images, float(rows["mpp"].iloc[0]))
         if out is None:
             out = np.zeros((len(pairs), emb.shape[1]), dtype=np.float32)
         out[rows.index.to_numpy()] = emb
-    source = f"stored features results/features/{encoder}/" if use_features else "patch pixels (read_patch_image)"
+    source = f"stored features {Layout().pattern('image_features_dir', encoder=str(encoder))}/" if use_features else "patch pixels (read_patch_image)"
     return (out if out is not None else np.zeros((0, 0), np.float32)), source
 
 

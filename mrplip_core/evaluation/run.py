@@ -34,8 +34,14 @@ from mrplip_core.evaluation.settings import DatasetSpec, EvaluationSettings
 from mrplip_core.evaluation.tile_features import read_tile_features, tile_features_encoder
 from mrplip_core.evaluation.zeroshot import class_embeddings, zero_shot_predict
 from mrplip_core.io.atomic import write_text
+from mrplip_core.layout import TEMPLATES
 
 log = logging.getLogger(__name__)
+
+#: The metrics file of one result folder (``eval/{model}/{dataset}/``), from the layout.
+METRICS_JSON = Path(TEMPLATES["eval_metrics"]).name
+#: Every result's metrics file below the eval folder (``*/*/metrics.json``), from the layout.
+METRICS_GLOB = Path(TEMPLATES["eval_metrics"]).relative_to(TEMPLATES["eval_dir"]).as_posix().format(model="*", dataset="*")
 
 TASKS = ("zero_shot", "linear_probe", "few_shot")
 
@@ -135,14 +141,14 @@ def write_outputs(result: dict[str, Any], dataset: TileDataset, out_dir: Path) -
     with_atomic_csv(preds, out_dir / "predictions.csv")
     with_atomic_csv(pd.DataFrame(per_class, columns=["task", "class", "precision", "recall", "f1", "support"]),
                     out_dir / "per_class.csv")
-    write_json(result, out_dir / "metrics.json")
+    write_json(result, out_dir / METRICS_JSON)
 
 
 def skipped_dataset(model: str, spec: DatasetSpec, reason: str, out_dir: str | Path) -> dict[str, Any]:
     """metrics.json of a dataset that could not be evaluated (an optional dataset that is absent)."""
     result = {"status": "skipped", "model": model, "dataset": spec.name, "title": spec.title, "reason": reason,
               "source": spec.path}
-    write_json(result, Path(out_dir) / "metrics.json")
+    write_json(result, Path(out_dir) / METRICS_JSON)
     return result
 
 
@@ -154,7 +160,7 @@ def run_retrieval(embedder: ImageTextEmbedder, results: str | Path, settings: Ev
     result = evaluate_retrieval(embedder, results, r, run_dir) if r.enabled else _skipped()
     result = {"model": embedder.name, "dataset": "retrieval", "embedder": embedder.describe(), **result,
               "seconds": round(time.perf_counter() - t0, 3)}
-    write_json(result, Path(out_dir) / "metrics.json")
+    write_json(result, Path(out_dir) / METRICS_JSON)
     return result
 
 
@@ -221,7 +227,7 @@ def summary_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 def collect_metrics(eval_dir: str | Path) -> list[dict[str, Any]]:
     """Every ``{model}/{dataset}/metrics.json`` under ``eval_dir``, sorted by model then dataset."""
     out = []
-    for path in sorted(Path(eval_dir).glob("*/*/metrics.json")):
+    for path in sorted(Path(eval_dir).glob(METRICS_GLOB)):
         try:
             out.append(json.loads(path.read_text()) | {"_dir": str(path.parent)})
         except json.JSONDecodeError as exc:

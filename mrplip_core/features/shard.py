@@ -25,11 +25,11 @@ import h5py
 
 from mrplip_core.encoders import get_spec
 from mrplip_core.features.settings import FeatureSettings
-from mrplip_core.layout import Layout
+from mrplip_core.layout import TEMPLATES, Layout
 
 log = logging.getLogger(__name__)
 
-PARTS = ".parts"
+PARTS = Path(TEMPLATES["image_features_parts"]).name  # .parts, below features/{encoder}/
 
 
 def parts_key(trigger: str) -> str:

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mrplip_core.layout import TEMPLATES
+
 from mrplip_core.config_mapping import from_mapping, to_plain
 from mrplip_core.io.atomic import atomic_path, write_text
 from mrplip_core.model.mrplip import MRPLIPModel
@@ -35,8 +37,8 @@ from mrplip_core.model.settings import ModelDims, ModelSettings
 from mrplip_core.model.text import text_encoder_from_config
 
 EXPORT_FORMAT = "mrplip.pretrained/1"
-WEIGHTS = "model.safetensors"
-MODEL_JSON = "model.json"
+WEIGHTS = Path(TEMPLATES["model"]).name  # model.safetensors, the layout's ``model`` artifact
+MODEL_JSON = Path(TEMPLATES["model_json"]).name  # model.json
 TOKENIZER = "tokenizer"
 
 

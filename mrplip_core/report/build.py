@@ -19,6 +19,7 @@ from pathlib import Path
 import mrplip_core
 from mrplip_core.evaluation.settings import DatasetSpec, ReportSettings
 from mrplip_core.io.atomic import write_text
+from mrplip_core.layout import TEMPLATES
 from mrplip_core.report import evaluation as ev
 from mrplip_core.report import sections
 from mrplip_core.report.context import ReportContext
@@ -64,6 +65,6 @@ def build_report(results: str | Path, out: str | Path, *, settings: ReportSettin
     citations = sorted({d.citation for d in datasets if d.citation}) or [DEFAULT_ATTRIBUTION]
     footer = ("Data attribution: " + "; ".join(esc(c) for c in citations)
               + "<br>Method: MR-PLIP, CVPR 2025 (arXiv 2504.18856); this pipeline is an independent implementation.")
-    path = Path(out) / "index.html"
+    path = Path(out) / Path(TEMPLATES["report"]).name  # index.html, the layout's report below its folder
     write_text(page(title, subtitle, [(a, n) for a, n, _ in SECTIONS], html_sections, footer), path)
     return path

@@ -42,7 +42,9 @@ def _cmd_report(a: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``report``."""
-    s = sub.add_parser("report", help="the static HTML report (results/report/index.html)")
+    from mrplip_core.layout import Layout
+
+    s = sub.add_parser("report", help=f"the static HTML report ({Layout().report})")
     s.add_argument("--results", default="results", help="the workflow's results folder")
     s.add_argument("--out", default=None, help="output folder (default RESULTS/report)")
     s.add_argument("--runs", default=None, help="comma-separated pretrain runs to show (default: evaluation.runs, else all)")

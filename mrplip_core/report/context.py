@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from mrplip_core.evaluation.settings import DatasetSpec, ReportSettings
+from mrplip_core.layout import Layout
 
 IMAGES = "img"  # folder beside index.html holding every picture the page shows
 
@@ -29,8 +30,13 @@ class ReportContext:
 
     def __post_init__(self) -> None:
         self.results, self.out = Path(self.results), Path(self.out)
-        self.eval_dir = Path(self.eval_dir) if self.eval_dir else self.results / "eval"
+        self.eval_dir = Path(self.eval_dir) if self.eval_dir else self.layout.eval_dir
         (self.out / IMAGES).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def layout(self) -> Layout:
+        """Where the result files are (every path below ``results`` comes from it)."""
+        return Layout(self.results)
 
     def image_path(self, name: str) -> Path:
         return self.out / IMAGES / name
@@ -61,7 +67,7 @@ class ReportContext:
 
     def run_dirs(self) -> list[Path]:
         """Pretrain run folders to show, in order."""
-        root = self.results / "pretrain"
         if self.runs is not None:
-            return [root / r for r in self.runs]
-        return sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
+            return [self.layout.run_dir(r) for r in self.runs]
+        every = self.layout.run_dir("*")
+        return sorted(p for p in every.parent.glob(every.name) if p.is_dir()) if every.parent.is_dir() else []

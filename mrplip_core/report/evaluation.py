@@ -14,7 +14,11 @@ from mrplip_core.evaluation.run import collect_metrics
 from mrplip_core.evaluation.settings import BASELINE_PREFIX
 from mrplip_core.report.context import ReportContext
 from mrplip_core.report.html import esc, figure, fmt, kv_table, missing, note, section, table
+from mrplip_core.layout import RETRIEVAL, Layout
 from mrplip_core.train.summary import read_run_config, run_summary
+
+#: Where a run's retrieval result is, as the page shows it (the layout's pattern).
+_RETRIEVAL_SHOWN = Layout().pattern("eval_metrics", model="{run}", dataset=RETRIEVAL)
 
 #: Zero-shot weighted F1 published in the MR-PLIP paper (arXiv 2504.18856), for context only.
 PUBLISHED_ZERO_SHOT = {
@@ -103,15 +107,14 @@ def evaluation(ctx: ReportContext) -> str:
         return section(anchor, title, missing(f"No results in <code>{esc(ctx.eval_dir)}</code> yet: run "
                                               "<code>snakemake evaluate</code> (needs evaluation.datasets in the config)."))
     order = {s.name: i for i, s in enumerate(ctx.datasets)}
-    tile = [m for m in metrics if m.get("dataset") != "retrieval" and (not order or m.get("dataset") in order)]
+    tile = [m for m in metrics if m.get("dataset") != RETRIEVAL and (not order or m.get("dataset") in order)]
     datasets = sorted({m["dataset"] for m in tile}, key=lambda d: (order.get(d, 99), d))
     models = model_order(metrics, ctx.runs, ctx.baselines)
     by = {(m["model"], m["dataset"]): m for m in metrics}
     info = {m["model"]: m.get("embedder", {}) for m in metrics if m.get("embedder")}
     for m in models:  # a run's own folder says best what it trained (the ablation axes)
-        config = ctx.results / "pretrain" / m / "config.yaml"
-        if not m.startswith(BASELINE_PREFIX) and config.exists():
-            run = read_run_config(config.parent)
+        if not m.startswith(BASELINE_PREFIX) and ctx.layout.run_config(m).exists():
+            run = read_run_config(ctx.layout.run_dir(m))
             info[m] = {"kind": "mrplip", "image_encoder": (run.get("data") or {}).get("image_encoder"), **run_summary(run)}
 
     evaluated = [d for d in datasets if any(by.get((m, d), {}).get("status") == "ok" for m in models)]
@@ -215,10 +218,10 @@ def _few_shot_table(models, datasets, by) -> str:
 
 
 def _retrieval_table(models, by) -> str:
-    results = [(m, by[(m, "retrieval")]) for m in models if (m, "retrieval") in by]
+    results = [(m, by[(m, RETRIEVAL)]) for m in models if (m, RETRIEVAL) in by]
     if not results:
         return ("<h3>Cross-modal retrieval</h3>"
-                + missing("No retrieval results yet (<code>results/eval/{run}/retrieval/metrics.json</code>); "
+                + missing(f"No retrieval results yet (<code>{esc(_RETRIEVAL_SHOWN)}</code>); "
                           "they need a finished pretraining run and captions."))
     notes = Footnotes()
     ks: list[str] = []

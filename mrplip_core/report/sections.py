@@ -5,10 +5,13 @@ are not there yet says which file is missing and which stage makes it."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pandas as pd
 
+from mrplip_core.evaluation.run import METRICS_GLOB
+from mrplip_core.layout import Layout
 from mrplip_core.report.context import ReportContext
 from mrplip_core.report.figures import loss_curves_png
 from mrplip_core.report.html import badge, esc, figure, fmt, missing, na, note, section, table
@@ -17,28 +20,42 @@ from mrplip_core.train.summary import LOSS_COLUMNS, read_metrics, read_run_confi
 log = logging.getLogger(__name__)
 
 
-def _count(folder: Path, pattern: str) -> int:
-    return len(list(folder.glob(pattern))) if folder.is_dir() else 0
+#: The layout's patterns as the page shows them (``results/tiles/{slide}.parquet``), whatever
+#: the results folder the report reads.
+SHOWN = Layout()
+
+
+def _shown_folder(name: str) -> str:
+    """The folder of artifact ``name`` as the page shows it (``results/tiles``)."""
+    return os.path.dirname(SHOWN.pattern(name))
+
+
+def _count(every: Path) -> int:
+    """How many files match ``every``, a layout path with ``*`` for its wildcards."""
+    first = next(i for i, part in enumerate(every.parts) if "*" in part)
+    folder = Path(*every.parts[:first])
+    return len(list(folder.glob("/".join(every.parts[first:])))) if folder.is_dir() else 0
 
 
 def overview(ctx: ReportContext) -> str:
     """What exists in the results folder, stage by stage."""
-    r = ctx.results
-    feature_dirs = sorted(p.name for p in (r / "features").glob("*") if p.is_dir()) if (r / "features").is_dir() else []
+    r, layout = ctx.results, ctx.layout
+    encoders = layout.image_features_dir("*")
+    feature_dirs = sorted(p.name for p in encoders.parent.glob(encoders.name) if p.is_dir()) if encoders.parent.is_dir() else []
     runs = ctx.run_dirs()
-    finished = [p.name for p in runs if (p / "model.safetensors").exists()]
-    n_eval = _count(ctx.eval_dir, "*/*/metrics.json")
+    finished = [p.name for p in runs if layout.model(p.name).exists()]
+    n_eval = _count(ctx.eval_dir / METRICS_GLOB)
     rows = [
-        ("slides", "results/slides.parquet", "1 file" if (r / "slides.parquet").exists() else "", "snakemake tiles"),
-        ("tiles", "results/tiles/{slide}.parquet", f"{_count(r / 'tiles', '*.parquet')} slides", "snakemake tiles"),
-        ("tissue QC", "results/tissue/{slide}.png", f"{_count(r / 'tissue', '*.png')} slides", "snakemake tiles"),
-        ("captions", "results/captions/{slide}.parquet", f"{_count(r / 'captions', '*.parquet')} slides", "snakemake captions"),
-        ("keywords", "results/keywords/{slide}.parquet", f"{_count(r / 'keywords', '*.parquet')} slides", "snakemake captions"),
-        ("image features", "results/features/{encoder}/{slide}.h5",
-         ", ".join(f"{e}: {_count(r / 'features' / e, '*.h5')} slides" for e in feature_dirs), "snakemake features"),
-        ("pretraining", "results/pretrain/{run}/", f"{len(runs)} runs, {len(finished)} finished" if runs else "",
+        ("slides", SHOWN.pattern("slides_table"), "1 file" if layout.slides_table.exists() else "", "snakemake tiles"),
+        ("tiles", SHOWN.pattern("tiles"), f"{_count(layout.tiles('*'))} slides", "snakemake tiles"),
+        ("tissue QC", SHOWN.pattern("tissue_qc"), f"{_count(layout.tissue_qc('*'))} slides", "snakemake tiles"),
+        ("captions", SHOWN.pattern("captions"), f"{_count(layout.captions('*'))} slides", "snakemake captions"),
+        ("keywords", SHOWN.pattern("keywords"), f"{_count(layout.keywords('*'))} slides", "snakemake captions"),
+        ("image features", SHOWN.pattern("image_features"),
+         ", ".join(f"{e}: {_count(layout.image_features(e, '*'))} slides" for e in feature_dirs), "snakemake features"),
+        ("pretraining", SHOWN.pattern("run_dir") + "/", f"{len(runs)} runs, {len(finished)} finished" if runs else "",
          "snakemake pretrain"),
-        ("evaluation", "results/eval/{model}/{dataset}/metrics.json", f"{n_eval} results" if n_eval else "",
+        ("evaluation", SHOWN.pattern("eval_metrics"), f"{n_eval} results" if n_eval else "",
          "snakemake evaluate"),
     ]
     body = []
@@ -52,10 +69,10 @@ def overview(ctx: ReportContext) -> str:
 
 def slides(ctx: ReportContext) -> str:
     """The slide table and tissue QC thumbnails (mask outline, chosen parents)."""
-    path = ctx.results / "slides.parquet"
+    path = ctx.layout.slides_table
     if not path.exists():
         return section("slides", "Slides and tissue QC", missing(
-            "<code>results/slides.parquet</code> does not exist yet: run <code>snakemake tiles</code>."))
+            f"<code>{esc(SHOWN.pattern('slides_table'))}</code> does not exist yet: run <code>snakemake tiles</code>."))
     df = pd.read_parquet(path)
     limit = ctx.settings.max_slide_rows
     failed = df["status"] != "ok" if "status" in df else pd.Series(False, index=df.index)
@@ -73,16 +90,16 @@ def slides(ctx: ReportContext) -> str:
     body = table(["slide", "status", "vendor", "um/px", "magnifications", "parents", "patches", "tissue", "error"], rows,
                  raw=True, numeric=(3, 5, 6, 7))
     if len(shown) < len(df):
-        body += note(f"{len(df) - len(shown)} more usable slides are in <code>results/slides.parquet</code> "
+        body += note(f"{len(df) - len(shown)} more usable slides are in <code>{esc(SHOWN.pattern('slides_table'))}</code> "
                      "(evaluation.report.max_slide_rows).")
     figs = []
     for sid in df["slide_id"].astype(str).tolist()[: ctx.settings.max_qc_slides]:
-        png = ctx.results / "tissue" / f"{sid}.png"
+        png = ctx.layout.tissue_qc(sid)
         if png.exists():
             src = ctx.copy_image(png, f"qc_{_safe(sid)}.png", max_width=2 * ctx.settings.qc_width_px)
             figs.append(figure(src, esc(sid), width=ctx.settings.qc_width_px))
         else:
-            absent = na(f"results/tissue/{sid}.png is missing", "no QC image")
+            absent = na(f"{SHOWN.pattern('tissue_qc', slide=sid)} is missing", "no QC image")
             figs.append(f"<figure>{absent}<figcaption>{esc(sid)}</figcaption></figure>")
     more = len(df) - ctx.settings.max_qc_slides
     body += "<h3>Tissue QC</h3>" + (f'<div class="grid">{"".join(figs)}</div>' if figs else missing("no QC images"))
@@ -122,17 +139,17 @@ def bags(ctx: ReportContext) -> str:
     from mrplip_core.wsi.records import read_patch_image
 
     title, anchor = "Multi-resolution bags and their captions", "bags"
-    tiles_dir = ctx.results / "tiles"
+    manifests = ctx.layout.tiles("*")
     per_slide: dict[str, pd.DataFrame] = {}  # the first sample_bags slides that have patches
-    for path in sorted(tiles_dir.glob("*.parquet")) if tiles_dir.is_dir() else []:
+    for path in sorted(manifests.parent.glob(manifests.name)) if manifests.parent.is_dir() else []:
         manifest = pd.read_parquet(path)
         if len(manifest):
             per_slide[path.stem] = manifest
         if len(per_slide) == ctx.settings.sample_bags:
             break
     if not per_slide:
-        return section(anchor, title, missing("No tile manifests with patches in <code>results/tiles/</code> yet: "
-                                               "run <code>snakemake tiles</code>."))
+        return section(anchor, title, missing(f"No tile manifests with patches in <code>{esc(_shown_folder('tiles'))}/</code> "
+                                               "yet: run <code>snakemake tiles</code>."))
     # one bag per slide, round-robin, until sample_bags are chosen
     chosen: list[tuple[str, str]] = []
     depth = 0
@@ -148,7 +165,7 @@ def bags(ctx: ReportContext) -> str:
     for sid, bag_id in chosen:
         man = per_slide[sid]
         chain = _chain(man, bag_id)
-        caps = _captions(ctx.results / "captions" / f"{sid}.parquet", [str(p["patch_id"]) for p in chain])
+        caps = _captions(ctx.layout.captions(sid), [str(p["patch_id"]) for p in chain])
         any_captions |= bool(caps)
         figs = []
         for p in chain:
@@ -157,20 +174,21 @@ def bags(ctx: ReportContext) -> str:
             caption = caps.get(pid)
             text = esc(caption) if caption else na("no caption for this patch yet", "no caption yet")
             try:
-                img = read_patch_image(ctx.results, sid, pid)
+                img = read_patch_image(ctx.layout, sid, pid)
                 src = ctx.save_array(img, f"patch_{_safe(pid)}.jpg", side * 2)
                 figs.append(figure(src, f"{label}<br>{text}", width=side, alt=pid, style=f"width:{side + 60}px"))
             except Exception as exc:  # slide moved or unreadable: say so in the page
                 figs.append(f'<figure style="width:{side + 60}px"><div class="error">cannot read patch: {esc(exc)}</div>'
                             f"<figcaption>{label}<br>{text}</figcaption></figure>")
-        kws = _keywords(ctx.results / "keywords" / f"{sid}.parquet", bag_id)
+        kws = _keywords(ctx.layout.keywords(sid), bag_id)
         kw_html = f'<p class="kw">bag keywords: {esc(", ".join(kws))}</p>' if kws else ""
         blocks.append(f"<h4>{esc(sid)} &middot; bag {esc(bag_id)}</h4>{kw_html}<div class=\"bag\">{''.join(figs)}</div>")
     lead = ("Each row is one visual bag: the parent patch at the lowest magnification and, at every next magnification, "
             "the child with the most tissue. Captions are the captioning stage's text for that patch.")
     body = "".join(blocks)
     if not any_captions:
-        body = missing("No captions in <code>results/captions/</code> yet: run <code>snakemake captions</code>.") + body
+        body = missing(f"No captions in <code>{esc(_shown_folder('captions'))}/</code> yet: "
+                       "run <code>snakemake captions</code>.") + body
     return section(anchor, title, body, lead=lead)
 
 
@@ -198,7 +216,7 @@ def pretraining(ctx: ReportContext) -> str:
     title, anchor = "Pretraining runs and loss curves", "pretrain"
     runs = [d for d in ctx.run_dirs() if d.exists()]
     if not runs:
-        return section(anchor, title, missing("No pretraining runs in <code>results/pretrain/</code> yet: "
+        return section(anchor, title, missing(f"No pretraining runs in <code>{esc(_shown_folder('run_dir'))}/</code> yet: "
                                                "run <code>snakemake pretrain</code>."))
     rows, figs = [], []
     for d in runs:
@@ -206,11 +224,11 @@ def pretraining(ctx: ReportContext) -> str:
             summary = run_summary(read_run_config(d))
         except FileNotFoundError:
             summary = {}
-        metrics_csv = d / "metrics.csv"
+        metrics_csv = ctx.layout.run_metrics(d.name)
         metrics = read_metrics(d)
         metrics = pd.DataFrame() if metrics is None else metrics
         last = metrics.iloc[-1] if len(metrics) else None
-        finished = (d / "model.safetensors").exists()
+        finished = ctx.layout.model(d.name).exists()
         steps_done = int(last["step"]) if last is not None else 0
         final = {c: float(last[c]) for c in LOSS_COLUMNS if last is not None and c in metrics.columns and pd.notna(last[c])}
         rows.append((
@@ -226,7 +244,7 @@ def pretraining(ctx: ReportContext) -> str:
             val = read_metrics(d, validation=True)
             png = loss_curves_png(metrics, ctx.image_path(f"loss_{_safe(d.name)}.png"), f"run {d.name}", val)
             if png is not None:
-                caption = f"results/pretrain/{esc(d.name)}/metrics.csv" + (" (dashed: validation)" if val is not None else "")
+                caption = esc(SHOWN.pattern("run_metrics", run=d.name)) + (" (dashed: validation)" if val is not None else "")
                 figs.append(f"<h3>{esc(d.name)}</h3>" + figure(ctx.rel(png), caption, width=1150))
         else:
             figs.append(f"<h3>{esc(d.name)}</h3>" + missing(f"<code>{esc(metrics_csv)}</code> has no rows yet."))

@@ -108,6 +108,7 @@ def write_untrained_run(run_dir: str | Path, *, image_encoder: str = DEFAULT_IMA
     from mrplip_core.encoders import get_spec
     from mrplip_core.model import ModelDims, ModelSettings, MRPLIPModel, build_text_encoder, load_tokenizer, save_export
     from mrplip_core.model.export import TOKENIZER
+    from mrplip_core.train.summary import RUN_CONFIG_FILE
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,7 @@ def write_untrained_run(run_dir: str | Path, *, image_encoder: str = DEFAULT_IMA
                            "data": {"image_encoder": image_encoder, "magnifications": [float(m) for m in magnifications]},
                            "model": {"text_encoder": "random", "text_config": text_config, "embed_dim": 32},
                            "loss": {"weights": weights}, "train": {"steps": steps}}}
-    (run_dir / "config.yaml").write_text("# untrained run written by mrplip_core.testing.known_answers\n" + yaml.safe_dump(config))
+    (run_dir / RUN_CONFIG_FILE).write_text("# untrained run written by mrplip_core.testing.known_answers\n" + yaml.safe_dump(config))
     index = [(s, f"{s}_bag", "val") for s in val_slides] + [(s, f"{s}_bag", "train") for s in train_slides]
     pd.DataFrame(index, columns=["slide_id", "bag_id", "split"]).to_parquet(run_dir / "bag_index.parquet", index=False)
     save_export(run_dir, model, itc_temperature=0.07, extra={"run": run_dir.name, "steps": steps, "max_caption_tokens": 64})

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from mrplip_core.encoders.catalog import DEFAULT_IMAGE_ENCODER
+from mrplip_core.layout import Layout
 from mrplip_core.wsi.hierarchy import MANIFEST_COLUMNS
 
 CLASSES: tuple[tuple[str, str, str], ...] = (
@@ -77,6 +78,7 @@ def write_synthetic_corpus(
         benchmarks use ~6 sentences to match).
     """
     results = Path(results)
+    layout = Layout(results)
     rng = np.random.default_rng(seed)
     classes = CLASSES[:n_classes]
     centroids = {c[0]: _vector("image:" + c[0], image_dim) * 2.0 for c in classes}
@@ -116,12 +118,13 @@ def write_synthetic_corpus(
                                 nxt.append((nid, pid, x + dx, y + dy, half, cc))
                 level = nxt
         manifest = pd.DataFrame(rows)[list(MANIFEST_COLUMNS)].astype(MANIFEST_COLUMNS)
-        (results / "tiles").mkdir(parents=True, exist_ok=True)
-        manifest.to_parquet(results / "tiles" / f"{slide_id}.parquet", index=False)
+        path = layout.tiles(slide_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        manifest.to_parquet(path, index=False)
 
-        fdir = results / "features" / image_encoder
-        fdir.mkdir(parents=True, exist_ok=True)
-        with h5py.File(fdir / f"{slide_id}.h5", "w") as f:
+        path = layout.image_features(image_encoder, slide_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(path, "w") as f:
             f.attrs.update(status="ok", encoder=image_encoder, dim=image_dim, slide_id=slide_id)
             for m in mags:
                 g = f.create_group(f"{m:g}x")
@@ -132,8 +135,9 @@ def write_synthetic_corpus(
 
         cap = pd.DataFrame(captions, columns=["patch_id", "caption"])
         cap["prompt"], cap["model"], cap["backend"], cap["params"], cap["error"] = "describe", "synthetic", "synthetic", "{}", None
-        (results / "captions").mkdir(parents=True, exist_ok=True)
-        cap.to_parquet(results / "captions" / f"{slide_id}.parquet", index=False)
+        path = layout.captions(slide_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cap.to_parquet(path, index=False)
 
         kw_rows = []
         for root in manifest.loc[manifest["depth"] == 0, "patch_id"]:
@@ -148,12 +152,13 @@ def write_synthetic_corpus(
                 if c not in present and rng.random() < 0.3:
                     kw_rows.append((root, classes[c][0], []))
         kw = pd.DataFrame(kw_rows, columns=["bag_id", "keyword", "patch_ids"])
-        (results / "keywords").mkdir(parents=True, exist_ok=True)
-        kw.to_parquet(results / "keywords" / f"{slide_id}.parquet", index=False)
+        path = layout.keywords(slide_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kw.to_parquet(path, index=False)
 
-        tdir = results / "text_features" / text_encoder
-        tdir.mkdir(parents=True, exist_ok=True)
-        with h5py.File(tdir / f"{slide_id}.h5", "w") as f:
+        path = layout.text_features(text_encoder, slide_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(path, "w") as f:
             f.attrs.update(status="ok", encoder=text_encoder, dim=keyword_dim, slide_id=slide_id)
             g = f.create_group("keywords")
             g.create_dataset("bag_id", data=kw["bag_id"].to_numpy(dtype=object), dtype=STRING)
@@ -166,7 +171,7 @@ def write_synthetic_corpus(
         records.append(dict(slide_id=slide_id, path=f"{slide_id}.tiff", status="ok", error=None, mpp=10.0 / scan))
     if failed_slide:
         records.append(dict(slide_id="synth_failed", path="missing.tiff", status="failed", error="missing file", mpp=None))
-    pd.DataFrame(records).to_parquet(results / "slides.parquet", index=False)
+    pd.DataFrame(records).to_parquet(layout.slides_table, index=False)
     return results
 
 

@@ -19,7 +19,12 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from mrplip_core.layout import TEMPLATES
 from mrplip_core.model.terms import TERMS
+
+#: The run folder's resolved config and its training metrics (names from the layout's templates).
+RUN_CONFIG_FILE = Path(TEMPLATES["run_config"]).name  # config.yaml
+RUN_METRICS_FILE = Path(TEMPLATES["run_metrics"]).name  # metrics.csv
 
 #: Loss columns of ``metrics.csv`` in the order the report shows them.
 LOSS_COLUMNS: tuple[str, ...] = ("loss", "loss_bl", *TERMS)
@@ -27,7 +32,7 @@ LOSS_COLUMNS: tuple[str, ...] = ("loss", "loss_bl", *TERMS)
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     """The resolved ``pretrain`` section a run wrote (``results/pretrain/{run}/config.yaml``)."""
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / RUN_CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: not a finished pretrain run folder")
     loaded = yaml.safe_load(path.read_text()) or {}
@@ -55,7 +60,7 @@ def run_summary(config: dict[str, Any]) -> dict[str, Any]:
 def read_metrics(run_dir: str | Path, *, validation: bool = False) -> pd.DataFrame | None:
     """The run's ``metrics.csv`` (``val_metrics.csv`` with ``validation``); None while it does
     not exist or is still empty."""
-    path = Path(run_dir) / ("val_metrics.csv" if validation else "metrics.csv")
+    path = Path(run_dir) / ("val_metrics.csv" if validation else RUN_METRICS_FILE)
     if not path.exists() or not path.stat().st_size:
         return None
     return pd.read_csv(path)

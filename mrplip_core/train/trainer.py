@@ -37,6 +37,7 @@ from mrplip_core.train.distributed import DistInfo, barrier, init_distributed, s
 from mrplip_core.train.metrics import MetricAccumulator, MetricsWriter, metric_keys
 from mrplip_core.train.objective import MRPLIPObjective
 from mrplip_core.train.schedule import build_optimizer, build_scheduler
+from mrplip_core.train.summary import RUN_CONFIG_FILE, RUN_METRICS_FILE
 
 log = logging.getLogger("mrplip.pretrain")
 
@@ -124,7 +125,7 @@ def _prepare_run_dir(config: PretrainConfig, run_dir: Path, info: DistInfo) -> P
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume == "never":
-            for stale in (checkpoint_dir(run_dir), run_dir / "metrics.csv", run_dir / "bag_index.parquet", run_dir / "val_metrics.csv"):
+            for stale in (checkpoint_dir(run_dir), run_dir / RUN_METRICS_FILE, run_dir / "bag_index.parquet", run_dir / "val_metrics.csv"):
                 if stale.is_dir():
                     shutil.rmtree(stale)
                 elif stale.exists():
@@ -169,7 +170,7 @@ def _pretrain(config: PretrainConfig, run_dir: Path, info: DistInfo) -> dict[str
     parts = build_components(config, index)
     objective = parts.objective
     if info.is_main:
-        write_config(config, run_dir / "config.yaml")
+        write_config(config, run_dir / RUN_CONFIG_FILE)
         parts.tokenizer.save_pretrained(str(run_dir / TOKENIZER))
 
     sync_bn = config.train.sync_batchnorm == "always" or (
@@ -204,7 +205,7 @@ def _pretrain(config: PretrainConfig, run_dir: Path, info: DistInfo) -> dict[str
                                groups=parts.train_set.slide_numbers(), window=config.data.shuffle_window)
     loader = make_loader(parts.train_set, sampler, num_workers=config.data.num_workers,
                          prefetch_factor=config.data.prefetch_factor, pin_memory=info.device.type == "cuda")
-    writer = MetricsWriter(run_dir / "metrics.csv", resume_step=step if resume_from else None,
+    writer = MetricsWriter(run_dir / RUN_METRICS_FILE, resume_step=step if resume_from else None,
                            tensorboard_dir=run_dir / "tensorboard" if config.train.tensorboard else None) if info.is_main else None
     dtype = _precision(config, info.device)
     last = config.train.last_step

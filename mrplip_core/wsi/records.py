@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from mrplip_core.io.atomic import write_parquet
-from mrplip_core.layout import Layout
+from mrplip_core.layout import TEMPLATES, Layout
 from mrplip_core.wsi.slide import Slide
 from mrplip_core.wsi.table import read_slide_table
 
@@ -21,9 +21,15 @@ SLIDES_COLUMNS = [
 ]
 
 
+def _record_in(records_dir: str | Path, slide_id: str) -> Path:
+    """``slide_id``'s record in a folder of records (the layout's ``slide_record`` below ``slide_records``)."""
+    below = Path(TEMPLATES["slide_record"]).relative_to(TEMPLATES["slide_records"]).as_posix()
+    return Path(records_dir) / below.format(slide=slide_id)
+
+
 def read_record(records_dir: str | Path, slide_id: str) -> dict:
     """The JSON record the tiles stage wrote for ``slide_id``."""
-    path = Path(records_dir) / f"{slide_id}.json"
+    path = _record_in(records_dir, slide_id)
     if not path.exists():
         raise FileNotFoundError(f"no record for slide {slide_id!r}: {path} (run `snakemake tiles` first)")
     return json.loads(path.read_text())
@@ -38,7 +44,7 @@ def collect_slide_records(table: str | Path, records_dir: str | Path, out: str |
     slides = read_slide_table(table)
     rows = []
     for sid in slides.index:
-        path = Path(records_dir) / f"{sid}.json"
+        path = _record_in(records_dir, sid)
         rec = json.loads(path.read_text()) if path.exists() else {"slide_id": sid, "status": "missing",
                                                                  "error": f"no record at {path}"}
         rec.setdefault("path", slides.at[sid, "path"])
