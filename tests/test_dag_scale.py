@@ -43,7 +43,7 @@ def test_planning_cost_grows_linearly_with_the_cohort(tmp_path):
         assert runs[n]["jobs"]["slides_table"] == 1
     per_slide_s = (runs[large]["cpu_seconds"] - runs[small]["cpu_seconds"]) / (large - small)
     per_slide_mib = (runs[large]["peak_rss_mib"] - runs[small]["peak_rss_mib"]) / (large - small)
-    # measured on the 2-core VM: 4.6 ms CPU and 0.023 MiB per slide (docs/cluster.md); the bounds
+    # a job per slide, every stage: about 9 ms CPU per slide on the 2-core VM (bench/README.md); the bounds
     # leave room for a loaded machine, not for an extra factor of n
     assert per_slide_s < 0.05, runs
     assert per_slide_mib < 0.25, runs
