@@ -31,6 +31,20 @@ def shard_slides(slide_ids: Sequence[str], slides_per_job: int) -> list[list[str
     return [ids[i : i + n] for i in range(0, len(ids), n)]
 
 
+class JobUnit:
+    """Mixin of a per-slide stage's plan: the job unit from its ``slides_per_job``."""
+
+    slides_per_job: int
+
+    @property
+    def per_slide(self) -> bool:
+        """A Snakemake job per slide (``slides_per_job`` 1), else one per shard."""
+        return self.slides_per_job <= 1
+
+    def shards(self, slide_ids: Sequence[str]) -> list[list[str]]:
+        return shard_slides(slide_ids, self.slides_per_job)
+
+
 def settings_json(config: Mapping[str, Any], *sections: str, **replace: Any) -> str:
     """JSON of the config ``sections`` a verb uses (``replace`` swaps a section for another
     value, e.g. a resolved one), keys sorted so equal settings give equal strings."""

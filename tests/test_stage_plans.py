@@ -10,12 +10,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from test_features_workflow import snakemake
 
 from mrplip_core.captions.plan import CaptionsPlan
 from mrplip_core.features.plan import FeaturesPlan
@@ -88,15 +88,6 @@ def test_settings_are_one_json_object_keyed_by_section(tmp_path: Path) -> None:
 
 
 # -- Snakemake --------------------------------------------------------------------------------
-
-def snakemake(wd: Path, *args: str) -> str:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(wd),
-           "--cores", "1", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
 
 def planned_rules(out: str) -> set[str]:
     return set(re.findall(r"^rule (\w+):", out, re.M)) - {"all", "tiles", "captions", "features", "evaluate"}

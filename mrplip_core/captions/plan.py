@@ -7,18 +7,18 @@ no torch: Snakemake reads it while building the DAG.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from mrplip_core.captions.settings import CaptionSettings
-from mrplip_core.jobs import settings_json, shard_slides
+from mrplip_core.jobs import JobUnit, settings_json
 
 SECTIONS = ("captions",)
 
 
 @dataclass(frozen=True)
-class CaptionsPlan:
+class CaptionsPlan(JobUnit):
     """Captions and keywords jobs of a (validated) workflow config."""
 
     settings: CaptionSettings
@@ -39,10 +39,3 @@ class CaptionsPlan:
     @property
     def slides_per_job(self) -> int:
         return self.settings.slides_per_job
-
-    @property
-    def per_slide(self) -> bool:
-        return self.slides_per_job <= 1
-
-    def shards(self, slide_ids: Sequence[str]) -> list[list[str]]:
-        return shard_slides(slide_ids, self.slides_per_job)

@@ -12,13 +12,13 @@ import functools
 import importlib.metadata
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from mrplip_core.encoders import get_spec, list_encoders
 from mrplip_core.features.settings import FeatureSettings
-from mrplip_core.jobs import settings_json, shard_slides
+from mrplip_core.jobs import JobUnit, settings_json
 
 #: Config sections the features verbs read.
 SECTIONS = ("features", "failures_fatal")
@@ -45,7 +45,7 @@ def _package_version(dist: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class FeaturesPlan:
+class FeaturesPlan(JobUnit):
     """Feature jobs of a (validated) workflow config."""
 
     settings: FeatureSettings
@@ -100,10 +100,3 @@ class FeaturesPlan:
     @property
     def slides_per_job(self) -> int:
         return self.settings.slides_per_job
-
-    @property
-    def per_slide(self) -> bool:
-        return self.slides_per_job <= 1
-
-    def shards(self, slide_ids: Sequence[str]) -> list[list[str]]:
-        return shard_slides(slide_ids, self.slides_per_job)

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mrplip_core.jobs import settings_json, shard_slides
+from mrplip_core.jobs import JobUnit, settings_json
 
 #: Config sections the ``mrplip tiles`` verb reads.
 SECTIONS = ("wsi", "mpp_fallback", "failures_fatal", "tissue", "tiling")
@@ -20,7 +20,7 @@ JOB_KEYS = ("slides_per_job",)
 
 
 @dataclass(frozen=True)
-class TilesPlan:
+class TilesPlan(JobUnit):
     """Tiles jobs of a (validated) workflow config."""
 
     settings_arg: str  # --settings of `mrplip tiles`: the SECTIONS
@@ -33,13 +33,6 @@ class TilesPlan:
         spj = int(wsi.get("slides_per_job", 1))
         trigger = settings_json(config, *SECTIONS, wsi={k: v for k, v in wsi.items() if k not in JOB_KEYS})
         return cls(settings_json(config, *SECTIONS), trigger, spj)
-
-    @property
-    def per_slide(self) -> bool:
-        return self.slides_per_job <= 1
-
-    def shards(self, slide_ids: Sequence[str]) -> list[list[str]]:
-        return shard_slides(slide_ids, self.slides_per_job)
 
 
 def slide_rows(slides: Any, slide_ids: Sequence[str]) -> str:
