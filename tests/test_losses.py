@@ -435,7 +435,7 @@ def brute_force_topk(
 
 
 def cvta_reference(
-    visual, keywords, visual_mask, keyword_mask, k, tau, all_in_denominator=False
+    visual, keywords, visual_mask, keyword_mask, k, tau, denominator="all_keywords"
 ) -> float:
     chosen = brute_force_topk(visual, keywords, visual_mask, keyword_mask, k)
     bag_losses = []
@@ -453,7 +453,7 @@ def cvta_reference(
             s = {j: cos(v, rows(keywords[b])[j]) / tau for j in real_keywords}
             terms = []
             for p in positives:
-                pool = real_keywords if all_in_denominator else [p, *negatives]
+                pool = real_keywords if denominator == "all_keywords" else [p, *negatives]
                 terms.append(-(s[p] - log_sum_exp([s[j] for j in pool])))
             patch_losses.append(sum(terms) / len(terms))
         if patch_losses:
@@ -479,14 +479,12 @@ def test_cvta_topk_matches_brute_force(k: int) -> None:
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-@pytest.mark.parametrize("all_in_denominator", [False, True])
-def test_cvta_value_matches_loop(k: int, all_in_denominator: bool) -> None:
+@pytest.mark.parametrize("denominator", ["all_keywords", "negatives_only"])
+def test_cvta_value_matches_loop(k: int, denominator: str) -> None:
     visual, keywords, visual_mask, keyword_mask = cvta_bags()
-    loss = CVTALoss(k_o=k, other_positives_in_denominator=all_in_denominator)
+    loss = CVTALoss(k_o=k, denominator=denominator)
     out = loss(visual, keywords, visual_mask, keyword_mask)
-    expected = cvta_reference(
-        visual, keywords, visual_mask, keyword_mask, k, 0.07, all_in_denominator
-    )
+    expected = cvta_reference(visual, keywords, visual_mask, keyword_mask, k, 0.07, denominator)
     assert float(out["cvta"]) == pytest.approx(expected, rel=1e-5)
     assert float(out["cvta/temperature"]) == pytest.approx(0.07, rel=1e-5)
 
@@ -563,15 +561,15 @@ def quad_tree(levels: int) -> tuple[Tensor, Tensor]:
 
 def test_parent_child_pairs_full_tree_and_left_out_levels() -> None:
     parent, magnification = quad_tree(3)  # 1 + 4 + 16 nodes
-    pairs = parent_child_pairs(parent)
+    pairs = parent_child_pairs(parent, mode="adjacent")
     assert sorted(map(tuple, pairs.tolist())) == sorted((int(parent[i]), i) for i in range(1, 21))
     # leave 10x out: each 20x patch pairs with the 5x root
-    skip_10x = parent_child_pairs(parent, present=magnification != 10)
+    skip_10x = parent_child_pairs(parent, present=magnification != 10, mode="adjacent")
     assert sorted(map(tuple, skip_10x.tolist())) == [(0, i) for i in range(5, 21)]
     # leave 5x out: the roots of the remaining forest are the 10x patches
-    skip_5x = parent_child_pairs(parent, present=magnification != 5)
+    skip_5x = parent_child_pairs(parent, present=magnification != 5, mode="adjacent")
     assert sorted(map(tuple, skip_5x.tolist())) == sorted((int(parent[i]), i) for i in range(5, 21))
-    everything = parent_child_pairs(parent, all_ancestors=True)
+    everything = parent_child_pairs(parent, mode="lineage")
     assert len(everything) == 4 + 16 * 2
     assert (0, 20) in set(map(tuple, everything.tolist()))
 
@@ -595,7 +593,7 @@ def test_mrtva_value_matches_hand_computation() -> None:
     torch.manual_seed(9)
     parent, magnification = quad_tree(3)
     z = torch.randn(21 + 3, 8)  # 3 trailing padding rows, never in a pair
-    pairs = parent_child_pairs(parent)
+    pairs = parent_child_pairs(parent, mode="adjacent")
     loss = MRTVALoss(8, proj_dim=6, pred_hidden_dim=3)
     out = loss(z, pairs, torch.cat([magnification, torch.zeros(3, dtype=torch.long)]))
     assert float(out["mrtva"]) == pytest.approx(mrtva_reference(loss, z, pairs), rel=1e-5)
@@ -630,7 +628,7 @@ class _FixedPrediction(nn.Module):
 def test_mrtva_target_branch_gets_no_gradient() -> None:
     torch.manual_seed(10)
     parent, _ = quad_tree(2)
-    pairs = parent_child_pairs(parent)
+    pairs = parent_child_pairs(parent, mode="adjacent")
     z = torch.randn(5, 8, requires_grad=True)
     loss = MRTVALoss(8)
     prediction = torch.randn(5, 8, requires_grad=True)
@@ -644,7 +642,7 @@ def test_mrtva_target_branch_gets_no_gradient() -> None:
 def test_mrtva_gradient_equals_detached_reference_not_undetached() -> None:
     torch.manual_seed(11)
     parent, _ = quad_tree(2)
-    pairs = parent_child_pairs(parent)
+    pairs = parent_child_pairs(parent, mode="adjacent")
     z = torch.randn(5, 8)
     loss = MRTVALoss(8)
 
@@ -750,7 +748,7 @@ def test_total_from_config_runs_every_real_term() -> None:
         },
         "mrtva": {
             "z": torch.randn(5, 8),
-            "pairs": parent_child_pairs(parent),
+            "pairs": parent_child_pairs(parent, mode="adjacent"),
             "magnification": magnification,
         },
     }

@@ -10,6 +10,7 @@ dataset (:mod:`mrplip_core.data.lm_inputs`); the term names live in
 """
 
 from mrplip_core.losses.cvta import (
+    DENOMINATORS,
     CVTALoss,
     TopKKeywords,
     cosine_similarity_matrix,
@@ -19,6 +20,7 @@ from mrplip_core.losses.itc import ITCLoss, gather_features
 from mrplip_core.losses.itm import FuseFn, ITMLoss, sample_hard_negatives
 from mrplip_core.losses.mlm import MLMLoss
 from mrplip_core.losses.mrtva import (
+    PAIR_MODES,
     MRTVALoss,
     negative_cosine,
     parent_child_pairs,
@@ -31,6 +33,8 @@ from mrplip_core.losses.total import DEFAULT_CONFIG, TERMS, MRPLIPLoss
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "DENOMINATORS",
+    "PAIR_MODES",
     "TERMS",
     "CVTALoss",
     "FuseFn",

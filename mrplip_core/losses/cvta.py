@@ -9,10 +9,16 @@ those patches. For each visual feature v_a of bag b:
   bag are the negatives N_a;
 * with a learnable temperature tau (init 0.07) and e(j) = exp(s_aj / tau),
 
-      l_a = -(1 / |P_a|) sum_{p in P_a} log( e(p) / (e(p) + sum_{n in N_a} e(n)) ).
+      l_a = -(1 / |P_a|) sum_{p in P_a} log( e(p) / D_a(p) ),
 
-  ``other_positives_in_denominator=True`` sums the denominator over all keywords of the
-  bag instead (the other positives included).
+  where the denominator D_a(p) is, by ``denominator``:
+
+  - ``"all_keywords"`` (default, the paper's L_CVTA): the sum of e(j) over every keyword
+    j of the textual bag, the other positives included;
+  - ``"negatives_only"``: e(p) + sum_{n in N_a} e(n), each positive contrasted with the
+    negatives only (the other positives are not pushed against it).
+
+  See docs/objective.md for when one might prefer the second.
 
 ``L_CVTA`` is the mean of l_a over the patches of a bag, then the mean over bags.
 Selection (top-k) carries no gradient; the similarities do.
@@ -105,6 +111,10 @@ def select_topk_keywords(
     return TopKKeywords(indices, valid)
 
 
+#: Values of ``CVTALoss(denominator=...)``; the first is the default (the paper's).
+DENOMINATORS: tuple[str, ...] = ("all_keywords", "negatives_only")
+
+
 class CVTALoss(nn.Module):
     """CVTA InfoNCE between patches and the keywords of their bag.
 
@@ -114,9 +124,10 @@ class CVTALoss(nn.Module):
         Number of positive keywords per patch.
     init_temperature, max_logit_scale, learn_temperature:
         The learnable tau (own parameter, separate from ITC's).
-    other_positives_in_denominator:
-        False (default): each positive is contrasted with the negatives only. True: the
-        denominator sums over all keywords of the bag (other positives included).
+    denominator:
+        ``"all_keywords"`` (default, the paper's): the denominator of each positive sums
+        over all keywords of the bag, the other positives included. ``"negatives_only"``:
+        the positive itself and the negatives.
     """
 
     name = "cvta"
@@ -127,14 +138,16 @@ class CVTALoss(nn.Module):
         init_temperature: float = 0.07,
         max_logit_scale: float = 100.0,
         learn_temperature: bool = True,
-        other_positives_in_denominator: bool = False,
+        denominator: str = "all_keywords",
     ) -> None:
         super().__init__()
         if k_o < 1:
             raise ValueError(f"k_o must be >= 1, got {k_o}")
+        if denominator not in DENOMINATORS:
+            raise ValueError(f"denominator must be one of {list(DENOMINATORS)}, got {denominator!r}")
         self.k_o = k_o
         self.logit_scale = LogitScale(init_temperature, max_logit_scale, learn_temperature)
-        self.other_positives_in_denominator = other_positives_in_denominator
+        self.denominator = denominator
 
     def patch_losses(
         self, similarity: Tensor, topk: TopKKeywords, keyword_mask: Tensor
@@ -145,14 +158,15 @@ class CVTALoss(nn.Module):
         finite_min = torch.finfo(logits.dtype).min  # -inf would give NaN gradients
         positive = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
         positive = positive.scatter(2, topk.indices, topk.valid)  # (B, P, K)
+        negatives_only = self.denominator == "negatives_only"
         in_denominator = keyword_mask[:, None, :].expand_as(logits)
-        if not self.other_positives_in_denominator:
+        if negatives_only:
             in_denominator = in_denominator & ~positive
         log_denominator = logits.masked_fill(~in_denominator, finite_min).logsumexp(dim=-1)
         positive_logits = logits.gather(2, topk.indices)  # (B, P, k)
-        if not self.other_positives_in_denominator:
+        if negatives_only:  # log(e(p) + sum over negatives), per positive
             log_denominator = torch.logaddexp(positive_logits, log_denominator[..., None])
-        else:
+        else:  # one sum over all keywords, shared by the positives of a patch
             log_denominator = log_denominator[..., None].expand_as(positive_logits)
         per_positive = (log_denominator - positive_logits) * topk.valid
         num_positives = topk.valid.sum(dim=-1)

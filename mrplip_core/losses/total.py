@@ -151,14 +151,15 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "mlm": {"mask_prob": 0.15, "mask_token_frac": 0.8, "random_token_frac": 0.1},
     # data.lm_inputs.make_prefix_lm_batch kwargs, used by the dataset (PLMLoss has no settings)
     "plm": {"min_prefix": 1},
-    # CVTALoss kwargs
+    # CVTALoss kwargs; denominator: all_keywords (the paper's) | negatives_only
     "cvta": {
         "k_o": 5,
         "init_temperature": 0.07,
         "max_logit_scale": 100.0,
-        "other_positives_in_denominator": False,
+        "denominator": "all_keywords",
     },
-    # MRTVALoss kwargs besides the input width; None = SimSiam-style defaults
-    "mrtva": {"proj_dim": None, "pred_hidden_dim": None},
+    # MRTVALoss kwargs besides the input width; None = SimSiam-style defaults;
+    # pairs: lineage (every ancestor-descendant pair, the paper's) | adjacent
+    "mrtva": {"proj_dim": None, "pred_hidden_dim": None, "pairs": "lineage"},
 }
 """Defaults of the ``loss`` config section, as accepted by :meth:`MRPLIPLoss.from_config`."""

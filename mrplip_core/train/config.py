@@ -70,7 +70,6 @@ class TrainSettings:
     val_batches: int = 8  # batches per validation pass (the same batches every time)
     resume: str = "auto"  # auto (latest checkpoint of the run, if any) | never | a checkpoint folder
     sync_batchnorm: str = "auto"  # MRTVA BatchNorm across ranks: auto (GPU only) | always | never
-    mrtva_all_ancestors: bool = False  # MRTVA pairs with every drawn ancestor, not only the nearest
     log_pair_types: bool = True  # log MRTVA per magnification pair (one device sync per step)
     compile: bool = False  # torch.compile the model (GPU)
     tensorboard: bool = True  # also log to TensorBoard when it is installed

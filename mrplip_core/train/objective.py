@@ -16,7 +16,8 @@ Branch per term (skipped when the term is off):
 * PLM: the prefix-LM decoder; logits only at positions whose next token is labelled.
 * CVTA: patch embeddings vs. keyword embeddings of the same bag.
 * MRTVA: z = E_mm(visual token, its top-k_o keywords by cosine in the CVTA space), pairs
-  from the parent links (``all_ancestors`` also pairs 5x-20x, 5x-40x, ...).
+  from the drawn parent links, as the MRTVA term's ``pairs`` setting says (lineage: every
+  ancestor-descendant pair, 5x-20x, 5x-40x, ... included; adjacent: parent-child only).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mrplip_core.data.lm_inputs import IGNORE_INDEX
-from mrplip_core.losses import MRPLIPLoss, cosine_similarity_matrix, parent_child_pairs, select_topk_keywords
+from mrplip_core.losses import MRPLIPLoss, cosine_similarity_matrix, select_topk_keywords
 from mrplip_core.model.mrplip import MRPLIPModel
 
 
@@ -52,19 +53,16 @@ class MRPLIPObjective(nn.Module):
     Parameters
     ----------
     model: the MR-PLIP model.
-    loss: the combined loss (its active terms decide which branches run).
-    all_ancestors: MRTVA pairs every drawn ancestor with its descendants, not only the
-        nearest one.
+    loss: the combined loss (its active terms decide which branches run; the MRTVA term
+        decides which pairs it aligns).
     log_pair_types: also return MRTVA per magnification pair ("mrtva/5x-10x", ...); costs
         one device-to-host copy per step.
     """
 
-    def __init__(self, model: MRPLIPModel, loss: MRPLIPLoss, *, all_ancestors: bool = False,
-                 log_pair_types: bool = True) -> None:
+    def __init__(self, model: MRPLIPModel, loss: MRPLIPLoss, *, log_pair_types: bool = True) -> None:
         super().__init__()
         self.model = model
         self.loss = loss
-        self.all_ancestors = all_ancestors
         self.log_pair_types = log_pair_types
 
     def forward(self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -130,7 +128,7 @@ class MRPLIPObjective(nn.Module):
             parent = batch["parent"]
             offset = torch.arange(b, device=parent.device)[:, None] * p
             flat_parent = torch.where(parent >= 0, parent + offset, parent).reshape(n)
-            pairs = parent_child_pairs(flat_parent, all_ancestors=self.all_ancestors)
+            pairs = self.loss.terms["mrtva"].pair_indices(flat_parent)
             inputs["mrtva"] = {"z": z, "pairs": pairs}
             if self.log_pair_types:
                 inputs["mrtva"]["magnification"] = batch["magnification"].reshape(n)

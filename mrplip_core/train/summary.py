@@ -13,6 +13,8 @@ Reading these imports neither torch nor the trainer.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +38,39 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: not a finished pretrain run folder")
     loaded = yaml.safe_load(path.read_text()) or {}
-    return dict(loaded.get("pretrain", loaded))
+    return upgrade_saved_config(loaded.get("pretrain", loaded))
+
+
+def upgrade_saved_config(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved pretrain section (a run folder's config.yaml, a checkpoint's state) with the
+    keys of older versions renamed; the input is not modified.
+
+    Before the paper's objective became the default, CVTA's denominator was the boolean
+    ``loss.cvta.other_positives_in_denominator`` and the MRTVA pairs the boolean
+    ``train.mrtva_all_ancestors``; they read as ``loss.cvta.denominator`` (true:
+    all_keywords, false: negatives_only) and ``loss.mrtva.pairs`` (true: lineage, false:
+    adjacent). So resuming such a run reports which setting changed instead of failing on
+    an unknown key, and the report describes it.
+    """
+    out = copy.deepcopy(dict(values))
+    cvta = (out.get("loss") or {}).get("cvta") or {}
+    train = out.get("train") or {}
+    if "other_positives_in_denominator" in cvta:
+        everything = cvta.pop("other_positives_in_denominator")
+        cvta["denominator"] = "all_keywords" if everything else "negatives_only"
+    if "mrtva_all_ancestors" in train:
+        lineage = train.pop("mrtva_all_ancestors")
+        out["loss"] = loss = out.get("loss") or {}
+        loss["mrtva"] = {**(loss.get("mrtva") or {}), "pairs": "lineage" if lineage else "adjacent"}
+    return out
 
 
 def run_summary(config: dict[str, Any]) -> dict[str, Any]:
-    """The ablation-relevant facts of a run config: magnifications, active loss terms, steps."""
+    """The ablation-relevant facts of a run config: magnifications, active loss terms, the
+    form of CVTA and MRTVA (None when the term is off), steps."""
     data = config.get("data", {}) or {}
-    weights = ((config.get("loss") or {}).get("weights") or {})
+    loss = config.get("loss") or {}
+    weights = loss.get("weights") or {}
     terms = [t for t in TERMS if float(weights.get(t, 1.0)) > 0]
     mags = [float(m) for m in data.get("magnifications", [])]
     return {
@@ -51,6 +79,8 @@ def run_summary(config: dict[str, Any]) -> dict[str, Any]:
         "terms": terms,
         "cvta": "cvta" in terms,
         "mrtva": "mrtva" in terms,
+        "cvta_denominator": (loss.get("cvta") or {}).get("denominator") if "cvta" in terms else None,
+        "mrtva_pairs": (loss.get("mrtva") or {}).get("pairs") if "mrtva" in terms else None,
         "steps": (config.get("train") or {}).get("steps"),
         "text_encoder": (config.get("model") or {}).get("text_encoder"),
         "seed": config.get("seed"),

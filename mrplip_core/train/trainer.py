@@ -35,6 +35,7 @@ from mrplip_core.train.checkpoint import checkpoint_dir, latest_checkpoint, load
 from mrplip_core.train.config import RESUMABLE_CHANGES, PretrainConfig, write_config
 from mrplip_core.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from mrplip_core.train.metrics import MetricAccumulator, MetricsWriter, metric_keys
+from mrplip_core.train.summary import upgrade_saved_config
 from mrplip_core.train.objective import MRPLIPObjective
 from mrplip_core.train.schedule import build_optimizer, build_scheduler
 from mrplip_core.train.summary import RUN_CONFIG_FILE, RUN_METRICS_FILE
@@ -74,8 +75,7 @@ def build_components(config: PretrainConfig, index: pd.DataFrame) -> Components:
                         text_pooling=config.model.text_pooling)
     width = model.width
     loss = MRPLIPLoss.from_config(config.loss, fusion_dim=width, representation_dim=width)
-    objective = MRPLIPObjective(model, loss, all_ancestors=config.train.mrtva_all_ancestors,
-                                log_pair_types=config.train.log_pair_types)
+    objective = MRPLIPObjective(model, loss, log_pair_types=config.train.log_pair_types)
     return Components(objective, train_set, val_set, tokenizer, dims)
 
 
@@ -100,7 +100,7 @@ def _pair_keys(magnifications: tuple[float, ...]) -> list[str]:
 
 
 def _check_resume(config: PretrainConfig, state: dict[str, Any], path: Path) -> None:
-    saved = PretrainConfig.from_dict(state["config"])
+    saved = PretrainConfig.from_dict(upgrade_saved_config(state["config"]))
     old, new = saved.digest(RESUMABLE_CHANGES), config.digest(RESUMABLE_CHANGES)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
