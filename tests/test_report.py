@@ -144,3 +144,15 @@ def test_the_report_verb_takes_the_rules_command_line(results: Path, tmp_path: P
                  "--settings", settings]) == 0
     html = (out / "index.html").read_text()
     assert "img/loss_demo-run.png" in html and f"report -> {out / 'index.html'}" in capsys.readouterr().out
+
+
+def test_a_run_is_described_with_its_cvta_and_mrtva_forms() -> None:
+    """An ablation that only changes the objective's form reads differently from the main run."""
+    from mrplip_core.report.evaluation import describe_model
+
+    base = {"kind": "mrplip", "image_encoder": "uni", "magnifications": [5.0, 10.0], "multi_resolution": True,
+            "cvta": True, "mrtva": True, "steps": 10}
+    paper = describe_model({**base, "cvta_denominator": "all_keywords", "mrtva_pairs": "lineage"})
+    earlier = describe_model({**base, "cvta_denominator": "negatives_only", "mrtva_pairs": "adjacent"})
+    assert "CVTA (all_keywords) · MRTVA (lineage pairs)" in paper
+    assert "CVTA (negatives_only) · MRTVA (adjacent pairs)" in earlier

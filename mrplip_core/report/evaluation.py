@@ -67,8 +67,11 @@ def describe_model(info: dict[str, Any]) -> str:
     if kind == "mrplip":
         mags = "/".join(f"{m:g}" for m in info.get("magnifications", [])) + "x"
         res = "multi-resolution" if info.get("multi_resolution") else "single resolution"
-        parts = [f"MR-PLIP on {info.get('image_encoder')}", f"{res} ({mags})",
-                 f"CVTA {'on' if info.get('cvta') else 'off'}", f"MRTVA {'on' if info.get('mrtva') else 'off'}"]
+        cvta = f"CVTA ({info['cvta_denominator']})" if info.get("cvta_denominator") else (
+            f"CVTA {'on' if info.get('cvta') else 'off'}")
+        mrtva = f"MRTVA ({info['mrtva_pairs']} pairs)" if info.get("mrtva_pairs") else (
+            f"MRTVA {'on' if info.get('mrtva') else 'off'}")
+        parts = [f"MR-PLIP on {info.get('image_encoder')}", f"{res} ({mags})", cvta, mrtva]
         if info.get("steps"):
             parts.append(f"{info['steps']} steps")
         return " · ".join(parts)
