@@ -130,7 +130,7 @@ def test_killed_client_resumes_without_requesting_captioned_patches_again(server
     try:
         s = settings(proxy.base_url, flush_rows=4)
         cmd = [sys.executable, "-m", "mrplip_core", "captions", "CMU1", "--results", str(r),
-               "--settings", json.dumps(s.to_dict())]
+               "--settings", json.dumps({"captions": s.to_dict()})]
         proxy.hold_after = 16
         job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         folder = parts_dir(r / "captions" / "CMU1.parquet")
