@@ -12,8 +12,8 @@ treats a missing slide as a job without inputs (it would be recorded as failed).
 
 The plan covers every stage of the default target (tiles, captions, keywords, image and text
 features, pretraining and its ablation, evaluation, report). ``--slides-per-job`` sets the job
-unit of the per-slide stages (``wsi``, ``captions`` and ``features.slides_per_job``; default
-100, what a cohort run uses).
+unit of the per-slide stages (``wsi``, ``captions``, ``features`` and
+``pathflip.subcaptions.slides_per_job``; default 100, what a cohort run uses).
 
 Reports the wall time, the CPU time (user + system; the figure to compare on a shared
 machine) and the peak resident memory of the snakemake process (getrusage of the child),
@@ -48,7 +48,8 @@ def write_cohort(folder: Path, n_slides: int, slides_per_job: int = 1) -> Path:
     config = folder / "config.yaml"
     # demo: [] so the table is the whole cohort; everything else from the repo's config.yaml
     spj = f"{{slides_per_job: {slides_per_job}}}"
-    config.write_text(f"slides: {table}\ndemo: []\nwsi: {spj}\ncaptions: {spj}\nfeatures: {spj}\n")
+    config.write_text(f"slides: {table}\ndemo: []\nwsi: {spj}\ncaptions: {spj}\nfeatures: {spj}\n"
+                      f"pathflip: {{subcaptions: {spj}}}\n")
     return config
 
 

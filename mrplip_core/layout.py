@@ -47,6 +47,10 @@ TEMPLATES: dict[str, str] = {
     "text_features": "text_features/{encoder}/{slide}.h5",
     "image_features_shard": "features/{encoder}/.shards/shard_{shard}.json",
     "text_features_shard": "text_features/{encoder}/.shards/shard_{shard}.json",
+    # PathFLIP sub-captions (rules/subcaptions.smk)
+    "slide_captions": "slide_captions.parquet",  # a caption, or why there is none, per slide
+    "subcaptions": "subcaptions/{slide}.parquet",  # region-level sub-captions: text and char span
+    "subcaptions_shard": "subcaptions/.shards/shard_{shard}.json",
     # pretraining stage (rules/pretrain.smk)
     "run_dir": "pretrain/{run}",
     "model": "pretrain/{run}/model.safetensors",  # the exported model, written last
@@ -148,6 +152,13 @@ class Layout:
 
     def text_features(self, encoder: str, slide: str) -> Path:
         return self.path("text_features", encoder=encoder, slide=slide)
+
+    @property
+    def slide_captions(self) -> Path:
+        return self.path("slide_captions")
+
+    def subcaptions(self, slide: str) -> Path:
+        return self.path("subcaptions", slide=slide)
 
     def run_dir(self, run: str) -> Path:
         return self.path("run_dir", run=run)

@@ -11,6 +11,7 @@ import mrplip_core
 from mrplip_core.config_schema import apply_schema_types, load_schema
 from mrplip_core.captions.plan import CaptionsPlan
 from mrplip_core.features.plan import FeaturesPlan
+from mrplip_core.pathflip.plan import SubcaptionsPlan
 from mrplip_core.jobs import shards_holding
 from mrplip_core.layout import Layout
 from mrplip_core.wsi.plan import TilesPlan
@@ -29,6 +30,7 @@ VERSION = mrplip_core.__version__
 TILES_PLAN = TilesPlan.from_config(config)
 CAPTIONS_PLAN = CaptionsPlan.from_config(config)
 FEATURES_PLAN = FeaturesPlan.from_config(config)
+SUBCAPTIONS_PLAN = SubcaptionsPlan.from_config(config)
 
 # The rules call the library through the Python that runs Snakemake (the project venv),
 # so they work whether or not the venv is activated.
@@ -76,6 +78,7 @@ STAGES = {
     "keywords": (CAPTIONS_PLAN, "keywords_shard", ("keywords",)),
     "image_features": (FEATURES_PLAN, "image_features_shard", ("image_features",)),
     "text_features": (FEATURES_PLAN, "text_features_shard", ("text_features",)),
+    "subcaptions": (SUBCAPTIONS_PLAN, "subcaptions_shard", ("subcaptions",)),
 }
 STAGE_OF = {name: stage for stage, (_, _, names) in STAGES.items() for name in names}
 _MISSING = {}

@@ -21,6 +21,7 @@ from mrplip_core.encoders import get_spec
 from mrplip_core.encoders.catalog import DEFAULT_IMAGE_ENCODER
 from mrplip_core.evaluation.settings import EvaluationSettings
 from mrplip_core.features.settings import FeatureSettings
+from mrplip_core.pathflip.settings import PathflipSettings
 from mrplip_core.train.config import PretrainConfig, load_config, resolve_loss
 from mrplip_core.wsi.tiling import TilesSettings
 
@@ -148,6 +149,7 @@ def test_dataclasses_mirror_the_schema(schema):
                                                       "failures_fatal": props["failures_fatal"]}}, {}),
         "captions": (CaptionSettings, props["captions"], {}),
         "evaluation": (EvaluationSettings, props["evaluation"], {}),
+        "pathflip": (PathflipSettings, props["pathflip"], {}),
         # the tiles stage reads wsi.thumbnail_mpp, two top-level keys, tissue and tiling
         "tiles": (TilesSettings, {"properties": {"thumbnail_mpp": props["wsi"]["properties"]["thumbnail_mpp"],
                                                  "mpp_fallback": props["mpp_fallback"],

@@ -74,6 +74,6 @@ def test_the_job_unit_shards_every_per_slide_stage(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     jobs = bench.run_once(config, None, work)["jobs"]
-    for stage in ("tiles", "captions", "keywords", "features", "text_features"):
+    for stage in ("tiles", "captions", "keywords", "features", "text_features", "subcaptions"):
         assert jobs.get(f"{stage}_shard") == 3 and f"{stage}_slide" not in jobs, jobs
     assert jobs["slides_table"] == 1 and jobs["pretrain"] == 1

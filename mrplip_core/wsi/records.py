@@ -50,7 +50,7 @@ def collect_slide_records(table: str | Path, records_dir: str | Path, out: str |
         rec.setdefault("path", slides.at[sid, "path"])
         rows.append({c: rec.get(c) for c in SLIDES_COLUMNS})
     df = pd.DataFrame(rows, columns=SLIDES_COLUMNS)
-    labels = [c for c in slides.columns if c not in {"slide_id", "path", "mpp"}]
+    labels = [c for c in slides.columns if c not in {"slide_id", "path", "mpp", "caption"}]  # captions: slide_captions.parquet
     for c in labels:
         df[c] = slides[c].to_numpy()
     for c in ("slide_id", "path", "status", "error", "vendor", "mpp_source"):

@@ -1,0 +1,81 @@
+"""``mrplip`` verbs of the PathFLIP stages: ``slide-captions``, ``subcaptions``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mrplip_core.jobs import write_shard_marker
+
+
+def _settings(a: argparse.Namespace):  # -> PathflipSettings
+    from mrplip_core.jobs import read_sections
+    from mrplip_core.pathflip.plan import SECTIONS
+    from mrplip_core.pathflip.settings import PathflipSettings
+
+    return PathflipSettings.from_dict(read_sections(a.settings, *SECTIONS, verb=a.verb)["pathflip"])
+
+
+def _cmd_slide_captions(a: argparse.Namespace) -> int:
+    from mrplip_core.io.atomic import write_parquet
+    from mrplip_core.layout import Layout
+    from mrplip_core.pathflip.captions import CaptionFileError, read_caption_file, slide_captions
+    from mrplip_core.wsi.table import read_slide_table
+
+    settings = _settings(a)
+    try:
+        given = read_caption_file(settings.captions) if settings.captions else None
+    except CaptionFileError as exc:
+        print(f"mrplip slide-captions: {exc}", file=sys.stderr)
+        return 2
+    df = slide_captions(read_slide_table(a.table), given, settings.max_caption_chars)
+    out = Layout(a.results).slide_captions
+    write_parquet(df, out)
+    counts = df["status"].value_counts().to_dict()
+    print(f"{len(df)} rows -> {out}: {counts}")
+    for sid, status, reason in zip(df["slide_id"], df["status"], df["reason"]):
+        if status != "ok":
+            print(f"  {sid}: {status}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _cmd_subcaptions(a: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from mrplip_core.io.atomic import write_parquet
+    from mrplip_core.layout import Layout
+    from mrplip_core.pathflip.subcaptions import subcaption_table
+
+    s = _settings(a).subcaptions
+    layout = Layout(a.results)
+    table = pd.read_parquet(layout.slide_captions).set_index("slide_id")
+    unknown = [sid for sid in a.slide_ids if sid not in table.index]
+    if unknown:
+        print(f"mrplip subcaptions: slide(s) {unknown} are not in {layout.slide_captions}", file=sys.stderr)
+        return 2
+    for sid in a.slide_ids:
+        caption = table.at[sid, "caption"] if table.at[sid, "status"] == "ok" else None
+        df = subcaption_table(sid, caption if isinstance(caption, str) else None, split_clauses=s.split_clauses,
+                              min_words=s.min_words)
+        write_parquet(df, layout.subcaptions(sid))
+        print(f"{sid}: {len(df)} sub-captions" if len(df) else f"{sid}: none ({table.at[sid, 'status']})")
+    if a.done:  # a shard job (slides_per_job > 1): its marker, once every slide is done
+        write_shard_marker(a.done, "subcaptions", a.slide_ids)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the PathFLIP verbs to the ``mrplip`` command's subparsers."""
+    settings_help = "JSON of the config sections the stage uses: {\"pathflip\": {...}}"
+    s = sub.add_parser("slide-captions", help="the slide captions table: a caption or the reason there is none, per slide")
+    s.add_argument("--table", required=True, help="the slide table (TSV; its optional caption column)")
+    s.add_argument("--results", default="results", help="the workflow's results folder")
+    s.add_argument("--settings", default="", help=settings_help)
+    s.set_defaults(func=_cmd_slide_captions)
+
+    s = sub.add_parser("subcaptions", help="split slides' captions into region-level sub-captions")
+    s.add_argument("slide_ids", nargs="+", metavar="SLIDE_ID")
+    s.add_argument("--results", default="results", help="the workflow's results folder")
+    s.add_argument("--settings", default="", help=settings_help)
+    s.add_argument("--done", default=None, help="write this shard marker once every slide is done (rules)")
+    s.set_defaults(func=_cmd_subcaptions)

@@ -1,0 +1,78 @@
+# PathFLIP, stage 1: slide captions and their region-level sub-captions (plan:
+# mrplip_core/pathflip/plan.py). One job makes the slide-captions table (a caption, or the reason
+# there is none, per slide); then one job per slide, or per shard of
+# `pathflip.subcaptions.slides_per_job` slides, splits each caption.
+SUBCAPTIONS_SETTINGS_ARG = shlex.quote(SUBCAPTIONS_PLAN.settings_arg)
+_CAPTION_FILE = SUBCAPTIONS_PLAN.settings.captions
+
+
+rule slide_captions:
+    input:
+        table=config["slides"],
+        captions=[_CAPTION_FILE] if _CAPTION_FILE else [],
+    output:
+        LAYOUT.pattern("slide_captions"),
+    params:
+        trigger=SUBCAPTIONS_PLAN.captions_trigger,
+        version=VERSION,
+    log:
+        "logs/slide_captions.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "{MRPLIP} slide-captions --table {input.table:q} --results {LAYOUT.root}"
+        " --settings {SUBCAPTIONS_SETTINGS_ARG} > {log} 2>&1"
+
+
+if SUBCAPTIONS_PLAN.per_slide:
+
+    rule subcaptions_slide:
+        input:
+            LAYOUT.pattern("slide_captions"),
+        output:
+            LAYOUT.pattern("subcaptions"),
+        params:
+            trigger=SUBCAPTIONS_PLAN.subcaptions_trigger,
+            version=VERSION,
+        log:
+            "logs/subcaptions/{slide}.log",
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=10,
+        shell:
+            "{MRPLIP} subcaptions {wildcards.slide:q} --results {LAYOUT.root}"
+            " --settings {SUBCAPTIONS_SETTINGS_ARG} > {log} 2>&1"
+
+else:
+    for _name, _shard, _ids, _quoted in shard_rules("subcaptions", SUBCAPTIONS_PLAN.shards(SLIDE_IDS)):
+
+        rule:
+            name:
+                _name
+            input:
+                LAYOUT.pattern("slide_captions"),
+            output:
+                LAYOUT.expand("subcaptions", slide=_ids),
+                done=LAYOUT.pattern("subcaptions_shard", shard=_shard),
+            params:
+                slides=_quoted,
+                trigger=SUBCAPTIONS_PLAN.subcaptions_trigger,
+                version=VERSION,
+            log:
+                f"logs/subcaptions/shard_{_shard}.log",
+            threads: 1
+            resources:
+                mem_mb=2000,
+                runtime=10 + len(_ids) // 100,
+            shell:
+                "{MRPLIP} subcaptions {params.slides} --results {LAYOUT.root}"
+                " --settings {SUBCAPTIONS_SETTINGS_ARG} --done {output.done} > {log} 2>&1"
+
+
+rule subcaptions:
+    input:
+        LAYOUT.pattern("slide_captions"),
+        stage_target("subcaptions"),
