@@ -46,6 +46,8 @@ def _cmd_tiles(a: argparse.Namespace) -> int:
             print(f"{sid}: {rec['n_parents']} parents, {rec['n_patches']} patches, "
                   f"magnifications {rec['magnifications']}, skipped {rec['skipped_magnifications']} "
                   f"({rec['elapsed_s']} s)")
+        elif rec["status"] == "no_parents":
+            print(f"{sid}: NO PARENTS, recorded: {rec['reason']}", file=sys.stderr)
         else:
             print(f"{sid}: FAILED, recorded: {rec['error']}", file=sys.stderr)
     if a.done:  # a shard job (slides_per_job > 1): its marker, once every slide is done
@@ -59,11 +61,14 @@ def _cmd_slides_table(a: argparse.Namespace) -> int:
 
     layout = Layout(a.results)
     df = collect_slide_records(a.table, layout.slide_records, layout.slides_table)
-    failed = df[df["status"] != "ok"]
-    print(f"{len(df)} slides, {len(failed)} failed -> {layout.slides_table}")
+    failed = df[~df["status"].isin(["ok", "no_parents"])]
+    empty = df[df["status"] == "no_parents"]
+    print(f"{len(df)} slides, {len(failed)} failed, {len(empty)} without parents -> {layout.slides_table}")
     for sid, err in zip(failed["slide_id"], failed["error"]):
         print(f"  FAILED {sid}: {err}", file=sys.stderr)
-    return 1 if (a.fatal and len(failed)) else 0
+    for sid, reason in zip(empty["slide_id"], empty["reason"]):
+        print(f"  NO PARENTS {sid}: {reason}", file=sys.stderr)
+    return 1 if (a.fatal and len(failed)) else 0  # no_parents is not a failure of the slide: never fatal
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:

@@ -71,13 +71,18 @@ def test_bad_slides_are_recorded_and_the_rest_finish(tiled):
     status = slides.status.to_dict()
     assert status == {
         "synthetic_40x": "ok", "CMU-1": "ok", "TCGA-CR-7395": "ok", "TCGA-no-mpp": "failed",
-        "broken": "failed", "missing": "failed", "CMU-dicom": "ok",
+        "broken": "failed", "missing": "failed", "CMU-dicom": "no_parents",
     }
+    # the DICOM copy's colours decode wrongly (pink glass): its one parent box is barely "tissue"
+    assert "holds 1 parent box" in slides.at["CMU-dicom", "reason"] and pd.isna(slides.at["CMU-dicom", "error"])
     assert "no microns-per-pixel" in slides.at["TCGA-no-mpp", "error"]
     assert "OpenSlide cannot open" in slides.at["broken", "error"]
     assert "file not found" in slides.at["missing", "error"]
     assert list(slides.at["CMU-1", "skipped_magnifications"]) == [40.0]
     assert slides.at["TCGA-CR-7395", "mpp_source"] == "table"
+    # counts stay integers beside the failed rows' nulls
+    assert {str(slides[c].dtype) for c in ("width", "height", "levels", "n_parents", "n_patches")} == {"Int64"}
+    assert pd.isna(slides.at["broken", "n_parents"]) and slides.at["CMU-1", "n_parents"] == 1
     for sid in status:
         assert (wd / "results" / "tissue" / f"{sid}.png").exists()
 
@@ -118,6 +123,18 @@ def test_failures_fatal_makes_the_run_fail(tmp_path, shared_data):
     assert proc.returncode != 0
     log = (wd / "logs" / "tiles" / "broken.log").read_text()
     assert "broken" in log and "OpenSlide cannot open" in log
+
+
+def test_a_slide_without_parents_is_recorded_not_fatal(tmp_path, shared_data):
+    wd = make_workdir(tmp_path, [("CMU-1", str(shared_data / "slides" / "CMU-1-Small-Region.svs"), "")],
+                      failures_fatal=True)
+    cfg = yaml.safe_load((wd / "config.yaml").read_text())
+    cfg["tiling"]["min_tissue_fraction"] = 0.5  # the default: CMU-1's one parent box is 35 % tissue
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(wd, "tiles")
+    slides = pd.read_parquet(wd / "results" / "slides.parquet")
+    assert slides.status.tolist() == ["no_parents"] and "best has 0.35" in slides.reason[0]
+    assert "NO PARENTS CMU-1: slide 'CMU-1': no 5x parent" in (wd / "logs" / "slides_table.log").read_text()
 
 
 def test_invalid_config_fails_before_any_job_naming_the_key(tmp_path):

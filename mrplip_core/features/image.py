@@ -267,11 +267,12 @@ def extract_image_slides(
         manifest_df = pd.read_parquet(job.manifest)
         rec = json.loads(Path(job.record).read_text())
         if rec.get("status") != "ok" or manifest_df.empty:
-            reason = (
-                f"the tiles stage failed for this slide: {rec.get('error')}"
-                if rec.get("status") != "ok"
-                else "the tile manifest has no patches (no tissue passed the tiling thresholds)"
-            )
+            if rec.get("status") == "ok":
+                reason = "the tile manifest has no patches (no tissue passed the tiling thresholds)"
+            elif rec.get("error"):
+                reason = f"the tiles stage failed for this slide: {rec.get('error')}"
+            else:  # no_parents: read, but no box had enough tissue
+                reason = f"the tiles stage recorded status {rec.get('status')!r}: {rec.get('reason')}"
             attrs = encoder.attrs() if encoder is not None else _spec_attrs_without_model(spec, settings)
             _write_empty(job.out, {**_base_attrs(job, spec), **attrs}, status="empty", message=reason)
             summaries[j] = {"slide_id": job.slide_id, "status": "empty", "n_patches": 0, "error": reason}

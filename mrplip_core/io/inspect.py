@@ -53,7 +53,25 @@ def _describe_parquet(path: Path, n_rows: int, full: bool, width: int) -> str:
     if pf.metadata.num_rows:
         head = pf.read_row_group(0).slice(0, n_rows).to_pandas()
         lines += ["sample rows:", *(_records(head) if full else _table(head, width))]
+    lines += _slides_not_ok(path, pf.schema_arrow.names)
     return "\n".join(lines)
+
+
+def _slides_not_ok(path: Path, names: list[str]) -> list[str]:
+    """For a slides table (slide_id, status, error, reason): one line per slide whose status
+    is not ok, with its error or reason whole (never cut), whether or not it is among the
+    sample rows."""
+    if not {"slide_id", "status", "error", "reason"} <= set(names):
+        return []
+    df = pd.read_parquet(path, columns=["slide_id", "status", "error", "reason"])
+    bad = df[df["status"].astype("string") != "ok"]
+    if bad.empty:
+        return []
+    lines = [f"slides not ok: {len(bad)} of {len(df)}"]
+    for sid, status, error, reason in bad.itertuples(index=False):
+        why = error if isinstance(error, str) else reason if isinstance(reason, str) else ""
+        lines.append(_one_line(f"  {sid} [{status}]: {why}"))
+    return lines
 
 
 def _table(df: pd.DataFrame, width: int) -> list[str]:

@@ -80,14 +80,15 @@ def slides(ctx: ReportContext) -> str:
     rows = []
     for rec in shown.to_dict("records"):
         rec = {k: _clean(v) for k, v in rec.items()}
-        status = badge("ok", "ok") if rec.get("status") == "ok" else badge(str(rec.get("status")), "bad")
+        kind = {"ok": "ok", "no_parents": "warn"}.get(str(rec.get("status")), "bad")  # no_parents: read, no tissue box
+        status = badge(str(rec.get("status")), kind)
         mags = rec.get("magnifications")
         mags = ", ".join(f"{float(m):g}x" for m in mags) if mags is not None and len(mags) else "–"
         rows.append((esc(rec.get("slide_id")), status, esc(rec.get("vendor") or "–"), esc(fmt(rec.get("mpp"), 4)),
                      esc(mags), esc(fmt(rec.get("n_parents"))), esc(fmt(rec.get("n_patches"))),
-                     esc(fmt(rec.get("tissue_fraction"), 2)), esc(rec.get("error") or "")))
+                     esc(fmt(rec.get("tissue_fraction"), 2)), esc(rec.get("error") or rec.get("reason") or "")))
     n_ok = int((df["status"] == "ok").sum()) if "status" in df else 0
-    body = table(["slide", "status", "vendor", "um/px", "magnifications", "parents", "patches", "tissue", "error"], rows,
+    body = table(["slide", "status", "vendor", "um/px", "magnifications", "parents", "patches", "tissue", "error or reason"], rows,
                  raw=True, numeric=(3, 5, 6, 7))
     if len(shown) < len(df):
         body += note(f"{len(df) - len(shown)} more usable slides are in <code>{esc(SHOWN.pattern('slides_table'))}</code> "

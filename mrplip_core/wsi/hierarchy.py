@@ -147,6 +147,21 @@ def _stable_rng(slide_id: str, seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(slide_id.encode())])
 
 
+def parent_grid(width: int, height: int, parent_size: int, ii: np.ndarray, downsample: float) -> pd.DataFrame:
+    """Every parent-sized box fully inside the slide, the grid's origin at level-0 (0, 0).
+
+    ``width``, ``height`` and ``parent_size`` are level-0 px; ``ii`` is the tissue mask's
+    integral image at ``downsample`` level-0 px per mask px. Returns ``x``, ``y`` (level-0 px,
+    row-major) and ``tissue_fraction`` (0..1) of each box: the parent candidates before the
+    ``min_tissue_fraction`` threshold.
+    """
+    nx, ny = width // parent_size, height // parent_size
+    gx, gy = np.meshgrid(np.arange(nx, dtype=np.int64) * parent_size, np.arange(ny, dtype=np.int64) * parent_size)
+    xs, ys = gx.ravel(), gy.ravel()
+    frac = box_fractions(ii, xs, ys, parent_size, downsample) if xs.size else np.zeros(0, np.float32)
+    return pd.DataFrame({"x": xs, "y": ys, "tissue_fraction": frac})
+
+
 def select_parents(
     slide_id: str,
     width: int,
@@ -156,17 +171,14 @@ def select_parents(
     downsample: float,
     params: TilingParams,
 ) -> pd.DataFrame:
-    """Grid of parent boxes over the slide (origin at level-0 (0, 0)) and the chosen ones.
+    """The chosen parents among the boxes of :func:`parent_grid` with enough tissue.
 
-    Only boxes fully inside the slide are considered. Returns the chosen parents as a
-    frame with ``x``, ``y`` (level-0 px) and ``tissue_fraction``, in row-major order.
+    Returns the chosen parents as a frame with ``x``, ``y`` (level-0 px) and
+    ``tissue_fraction``, in row-major order; empty when no box reaches
+    ``params.min_tissue_fraction`` (see :func:`no_parents_reason`).
     """
-    nx, ny = width // parent_size, height // parent_size
-    gx, gy = np.meshgrid(np.arange(nx, dtype=np.int64) * parent_size, np.arange(ny, dtype=np.int64) * parent_size)
-    xs, ys = gx.ravel(), gy.ravel()
-    frac = box_fractions(ii, xs, ys, parent_size, downsample) if xs.size else np.zeros(0, np.float32)
-    keep = frac >= params.min_tissue_fraction
-    cand = pd.DataFrame({"x": xs[keep], "y": ys[keep], "tissue_fraction": frac[keep]})
+    grid = parent_grid(width, height, parent_size, ii, downsample)
+    cand = grid[grid["tissue_fraction"] >= params.min_tissue_fraction].reset_index(drop=True)
     if params.selection == "all" or len(cand) <= params.n_parents:
         chosen = cand
     elif params.selection == "most_tissue":
@@ -177,6 +189,28 @@ def select_parents(
     else:
         raise TilingError(f"unknown tiling.selection {params.selection!r}")
     return chosen.sort_values(["y", "x"]).reset_index(drop=True)
+
+
+def no_parents_reason(
+    width: int, height: int, slide_mpp: float, parent_size: int, grid: pd.DataFrame, params: TilingParams
+) -> str:
+    """Why a slide got no parent, for its record: the slide's and a parent's size in mm,
+    how many parent-sized boxes the grid holds (``grid``: :func:`parent_grid`), how many
+    reach ``tiling.min_tissue_fraction``, and the best box's tissue fraction.
+
+    ``width``, ``height`` and ``parent_size`` are level-0 px, ``slide_mpp`` um/px.
+    """
+    mm = slide_mpp / 1000.0
+    parent_mag = format_magnification(params.magnifications[0])
+    slide_mm = f"{width * mm:.2f} x {height * mm:.2f} mm"
+    box_mm = f"{parent_size * mm:.2f} x {parent_size * mm:.2f} mm"
+    threshold = f"tiling.min_tissue_fraction {params.min_tissue_fraction:g}"
+    if grid.empty:
+        return f"no {parent_mag} parent: the slide ({slide_mm}) is smaller than one parent box ({box_mm}), so it has no candidate"
+    passed = int((grid["tissue_fraction"] >= params.min_tissue_fraction).sum())
+    n = len(grid)
+    return (f"no {parent_mag} parent: the slide ({slide_mm}) holds {n} parent box{'es' if n != 1 else ''} of {box_mm}, "
+            f"{passed} with tissue fraction >= {threshold}; the best has {float(grid['tissue_fraction'].max()):.2f}")
 
 
 def patch_id(slide_id: str, magnification: float, x: int, y: int) -> str:

@@ -13,12 +13,16 @@ from mrplip_core.layout import TEMPLATES, Layout
 from mrplip_core.wsi.slide import Slide
 from mrplip_core.wsi.table import read_slide_table
 
-#: Columns of ``results/slides.parquet`` (one row per slide of the table).
+#: Columns of ``results/slides.parquet`` (one row per slide of the table). ``status``: ok,
+#: no_parents, failed or missing (see :mod:`mrplip_core.wsi.tiling`); ``error`` says why a
+#: slide failed, ``reason`` why a readable slide has no parents; both null for ok slides.
 SLIDES_COLUMNS = [
-    "slide_id", "path", "status", "error", "vendor", "mpp", "mpp_source", "objective",
+    "slide_id", "path", "status", "error", "reason", "vendor", "mpp", "mpp_source", "objective",
     "width", "height", "levels", "magnifications", "skipped_magnifications",
     "n_parents", "n_patches", "tissue_fraction", "elapsed_s",
 ]
+#: Count columns: nullable integers, null for slides that failed before they were counted.
+COUNT_COLUMNS = ("width", "height", "levels", "n_parents", "n_patches")
 
 
 def _record_in(records_dir: str | Path, slide_id: str) -> Path:
@@ -39,7 +43,7 @@ def collect_slide_records(table: str | Path, records_dir: str | Path, out: str |
     """One row per slide of ``table`` from its record; written atomically to ``out``.
 
     Label columns of the slide table are carried over. A slide without a record is
-    listed with status ``missing``.
+    listed with status ``missing``. Counts are ``Int64`` (null where a slide failed).
     """
     slides = read_slide_table(table)
     rows = []
@@ -53,8 +57,12 @@ def collect_slide_records(table: str | Path, records_dir: str | Path, out: str |
     labels = [c for c in slides.columns if c not in {"slide_id", "path", "mpp", "caption"}]  # captions: slide_captions.parquet
     for c in labels:
         df[c] = slides[c].to_numpy()
-    for c in ("slide_id", "path", "status", "error", "vendor", "mpp_source"):
+    for c in ("slide_id", "path", "status", "error", "reason", "vendor", "mpp_source"):
         df[c] = df[c].astype("string")
+    for c in COUNT_COLUMNS:
+        df[c] = df[c].astype("Int64")
+    for c in ("mpp", "objective", "tissue_fraction", "elapsed_s"):
+        df[c] = df[c].astype("float64")
     for c in ("magnifications", "skipped_magnifications"):
         df[c] = [list(v) if isinstance(v, list) else [] for v in df[c]]
     write_parquet(df, out)

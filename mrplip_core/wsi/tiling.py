@@ -4,12 +4,20 @@ Writes, each atomically:
 - ``manifest``: ``results/tiles/{slide}.parquet`` (one row per patch, MANIFEST_COLUMNS);
 - ``geojson``: ``results/tissue/{slide}.geojson`` (tissue polygons, level-0 px, QuPath);
 - ``qc``: ``results/tissue/{slide}.png`` (thumbnail, mask outline, chosen parents);
-- ``record``: ``results/slides/{slide}.json`` (slide metadata, status, error, counts).
+- ``record``: ``results/slides/{slide}.json`` (slide metadata, status, error, reason, counts).
 
-A slide that cannot be used (missing file, corrupt, no mpp, below the parent
-magnification) is recorded with ``status: failed`` and its error, and the other outputs
-are written empty (an error card as QC image), so the rest of the cohort finishes. With
-``failures_fatal`` the error is raised instead.
+A slide's ``status`` is one of:
+- ``ok``: at least one parent; ``error`` and ``reason`` are null.
+- ``no_parents``: the slide opened and was tiled, but no parent-sized box of its grid has
+  ``tiling.min_tissue_fraction`` tissue (or the slide is smaller than one box). ``reason``
+  says so with the numbers (slide and parent size in mm, boxes, best tissue fraction,
+  threshold); ``error`` is null. The manifest has zero rows, the QC image shows the mask.
+  Not a failure of the slide file, so ``failures_fatal`` does not raise for it.
+- ``failed``: the slide cannot be used (missing file, corrupt, no mpp, below the parent
+  magnification); ``error`` names the slide and the cause, the other outputs are written
+  empty (an error card as QC image), so the rest of the cohort finishes. With
+  ``failures_fatal`` the error is raised instead.
+Later stages treat every status but ``ok`` alike: empty outputs for that slide.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from mrplip_core.wsi.hierarchy import (
     build_manifest,
     empty_manifest,
     integral_image,
+    no_parents_reason,
+    parent_grid,
     plan_for_slide,
     select_parents,
 )
@@ -101,13 +111,13 @@ def tile_slide(
 ) -> dict[str, Any]:
     """Run the tiles stage for one slide and write its four outputs; return the record."""
     t0 = time.perf_counter()
-    record: dict[str, Any] = {"slide_id": slide_id, "path": str(path), "status": "ok", "error": None}
+    record: dict[str, Any] = {"slide_id": slide_id, "path": str(path), "status": "ok", "error": None, "reason": None}
     try:
         with Slide(path, slide_id, mpp=table_mpp, fallback_mpp=settings.mpp_fallback) as slide:
             record.update(slide.info.to_record())
             record.update(_tile_open_slide(slide, outputs, settings))
     except SLIDE_FAILURES as exc:
-        if settings.failures_fatal:
+        if settings.failures_fatal:  # a no_parents slide raised nothing: it is never fatal
             raise
         message = str(exc) if slide_id in str(exc) else f"slide {slide_id!r}: {exc}"
         record.update(status="failed", error=message)
@@ -138,7 +148,13 @@ def _tile_open_slide(slide: Slide, outputs: TilesOutputs, settings: TilesSetting
     boxes = [(x / downsample, y / downsample, plan.parent_size / downsample, plan.parent_size / downsample)
              for x, y in zip(parents["x"], parents["y"])]
     _write_png(draw_qc(thumb, mask, boxes, [str(i) for i in range(len(boxes))]), outputs.qc)
+    outcome: dict[str, Any] = {}
+    if parents.empty:  # a readable slide without a parent: its own status, never raised (see the module doc)
+        grid = parent_grid(info.width, info.height, plan.parent_size, ii, downsample)
+        reason = no_parents_reason(info.width, info.height, info.mpp, plan.parent_size, grid, params)
+        outcome = {"status": "no_parents", "reason": f"slide {info.slide_id!r}: {reason}"}
     return {
+        **outcome,
         "magnifications": list(plan.magnifications),
         "skipped_magnifications": list(plan.skipped),
         "parent_size": plan.parent_size,
