@@ -39,25 +39,30 @@ MRPLIP = f"{shlex.quote(sys.executable)} -m mrplip_core"
 DEMO = {d["name"]: d for d in config.get("demo", [])}
 
 
-def apply_profile_resources(entry, rule_names):
-    """Give the generated rules ``rule_names`` (shards: captions_shard_0, _1, ...) the profile's
-    ``set-resources`` / ``set-threads`` entry ``entry`` (e.g. ``captions_shard``): Snakemake
-    matches those entries by exact rule name. Call before the rules are defined."""
+def shard_rules(stage, shards):
+    """Yield (rule name ``{stage}_shard_{i}``, shard index ``i`` as a string, slide ids, ids quoted
+    for the shell) for each shard of ``stage``; define the shard's rule in the loop body.
+
+    The profile's ``set-resources`` / ``set-threads`` entry ``{stage}_shard`` is given to each
+    shard rule: Snakemake matches entries by exact rule name and applies them when a rule is
+    defined, so the entry is copied under each name before the loop and removed after it. Left
+    in place, 200 shards x 5 stages of copies would be passed to every Slurm job as
+    ``--set-resources`` and overflow its command line (E2BIG)."""
+    names = [f"{stage}_shard_{i}" for i in range(len(shards))]
+    entry = f"{stage}_shard"
+    added = []
     settings = getattr(workflow, "resource_settings", None)
     for table in ("_parsed_overwrite_resources", "_parsed_overwrite_threads"):
         parsed = getattr(settings, table, None)
         if isinstance(parsed, dict) and entry in parsed:
-            for name in rule_names:
-                parsed.setdefault(name, parsed[entry])
-
-
-def shard_rules(stage, shards):
-    """(rule name ``{stage}_shard_{i}``, shard index ``i`` as a string, slide ids, ids quoted for
-    the shell) of each shard of ``stage``; the rules get the profile's ``{stage}_shard`` entry."""
-    names = [f"{stage}_shard_{i}" for i in range(len(shards))]
-    apply_profile_resources(f"{stage}_shard", names)
-    return [(name, str(i), ids, " ".join(shlex.quote(s) for s in ids))
-            for i, (name, ids) in enumerate(zip(names, shards))]
+            new = [name for name in names if name not in parsed]
+            for name in new:
+                parsed[name] = parsed[entry]
+            added += [(parsed, name) for name in new]
+    for i, (name, ids) in enumerate(zip(names, shards)):
+        yield name, str(i), ids, " ".join(shlex.quote(s) for s in ids)
+    for parsed, name in added:
+        parsed.pop(name, None)
 
 
 _SHARDS = {}

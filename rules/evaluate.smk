@@ -34,7 +34,7 @@ rule eval_tile_features:
     params:
         trigger=lambda wc: EVAL_PLAN.tile_features_trigger(wc.dataset),
         # the encoder weights (path, size, mtime), as for the slide features (rules/features.smk)
-        weights=FEATURES_PLAN.image_trigger,
+        weights=lambda wc: FEATURES_PLAN.image_trigger(wc.encoder),
         version=mrplip_core.__version__,
     log:
         "logs/eval/features/{encoder}/{dataset}.log",

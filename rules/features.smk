@@ -12,27 +12,36 @@ FEATURES_RESOURCES = dict(
 )
 
 
-if FEATURES_PLAN.per_slide:
+# Image features per slide: every image encoder when the stage runs a job per slide; in shards,
+# only encoders other than features.image_encoder (a run trained earlier on another encoder,
+# evaluated again), whose features no shard rule makes.
+_PER_SLIDE_IMAGE_ENCODERS = "|".join(
+    e for e in list_encoders("image") if FEATURES_PLAN.per_slide or e != FEATURES_PLAN.image_encoder
+)
 
-    rule features_slide:
-        input:
-            lambda wc: stage_files("tiles", [wc.slide]),
-            lambda wc: stage_files("slide_record", [wc.slide]),
-        output:
-            LAYOUT.pattern("image_features"),
-        wildcard_constraints:
-            encoder="|".join(list_encoders("image")),
-        params:
-            trigger=FEATURES_PLAN.image_trigger,
-            version=VERSION,
-        log:
-            "logs/features/{encoder}/{slide}.log",
-        threads: FEATURES.threads
-        resources:
-            **FEATURES_RESOURCES,
-        shell:
-            "{MRPLIP} features {wildcards.slide:q} --encoder {wildcards.encoder:q} --results {LAYOUT.root}"
-            " --settings {FEATURES_SETTINGS_ARG} --threads {threads} > {log} 2>&1"
+
+rule features_slide:
+    input:
+        lambda wc: stage_files("tiles", [wc.slide]),
+        lambda wc: stage_files("slide_record", [wc.slide]),
+    output:
+        LAYOUT.pattern("image_features"),
+    wildcard_constraints:
+        encoder=_PER_SLIDE_IMAGE_ENCODERS,
+    params:
+        trigger=lambda wildcards: FEATURES_PLAN.image_trigger(wildcards.encoder),
+        version=VERSION,
+    log:
+        "logs/features/{encoder}/{slide}.log",
+    threads: FEATURES.threads
+    resources:
+        **FEATURES_RESOURCES,
+    shell:
+        "{MRPLIP} features {wildcards.slide:q} --encoder {wildcards.encoder:q} --results {LAYOUT.root}"
+        " --settings {FEATURES_SETTINGS_ARG} --threads {threads} > {log} 2>&1"
+
+
+if FEATURES_PLAN.per_slide:
 
     rule text_features_slide:
         input:
@@ -70,7 +79,7 @@ else:
                 done=LAYOUT.pattern("image_features_shard", encoder=_IMAGE, shard=_shard),
             params:
                 slides=_quoted,
-                trigger=FEATURES_PLAN.image_trigger,
+                trigger=FEATURES_PLAN.image_trigger(_IMAGE),
                 version=VERSION,
             log:
                 f"logs/features/{_IMAGE}/shard_{_shard}.log",

@@ -106,7 +106,7 @@ def test_profile_plans_the_workflow(tmp_path, profile):
 
 def test_generated_shard_rules_get_the_profiles_gpu_entry(tmp_path):
     """captions/features.slides_per_job > 1 generate rules captions_shard_0, _1, ...; Snakemake's
-    set-resources matches exact names, so without rules/common.smk's apply_profile_resources
+    set-resources matches exact names, so without rules/common.smk's shard_rules
     they would be sent to the default partition without a GPU."""
     wd = copy_workflow(tmp_path / "wf")
     shutil.copytree(PROFILES, wd / "profiles")
@@ -670,3 +670,24 @@ def test_multinode_pretrain_pattern_runs_one_torchrun_per_node(slurm_env, tmp_pa
     assert re.search(r"NumNodes=2 ", info) and re.search(r"NumTasks=2 ", info), info
     assert "NtasksPerN:B:S:C=1:" in info and "TresPerNode=gres:gpu:sim:1" in info, info
     assert job["state"] == "COMPLETED"
+
+
+def test_a_cohort_in_shards_keeps_each_slurm_command_short(tmp_path):
+    """200 shards per stage: each shard rule gets its stage's profile entry, but the copies are
+    not forwarded to every job's command line (`--set-resources` of 1,000 rule names would pass
+    Linux's 128 KiB limit for one argument, and sbatch would fail with E2BIG)."""
+    wd = copy_workflow(tmp_path / "wf")
+    rows = "".join(f"S{i:04d}\t/nonexistent/S{i:04d}.svs\n" for i in range(400))
+    (wd / "cohort.tsv").write_text("slide_id\tpath\n" + rows)
+    spj = {"slides_per_job": 2}
+    (wd / "cohort.yaml").write_text(yaml.safe_dump({
+        "slides": "cohort.tsv", "demo": [], "wsi": {"thumbnail_mpp": 8.0, **spj}, "captions": spj, "features": spj,
+        "pathflip": {"subcaptions": spj}}))
+    calls = sbatch_calls(tmp_path, PROFILES / "slurm", "--configfile", "config.yaml", "cohort.yaml", "--", "tiles",
+                         wd=wd)
+    tiles = [c for c in calls if c["rule"].startswith("tiles_shard_")]
+    assert tiles, calls[:3]
+    longest = max(len(c["wrap"]) for c in calls)
+    assert longest < 32_000, longest
+    # the shard jobs still get the profile's tiles_shard entry (mem_mb: 4000 * attempt)
+    assert all(int(flag(c["opts"], "--mem")) == 4000 * c["attempt"] for c in tiles), tiles[0]["opts"]

@@ -31,7 +31,7 @@ def with_(section: str, **changes) -> dict:
     return {**CONFIG, section: {**CONFIG[section], **changes}}
 
 
-def test_the_job_unit_is_not_a_rerun_trigger_but_the_settings_are() -> None:
+def test_the_plans_trigger_leaves_out_the_job_unit_but_not_the_settings() -> None:
     base = TilesPlan.from_config(CONFIG)
     sharded = TilesPlan.from_config(with_("wsi", slides_per_job=50))
     assert base.per_slide and not sharded.per_slide
@@ -48,9 +48,12 @@ def test_caption_and_feature_triggers_ignore_tuning() -> None:
     assert tuned.trigger == captions.trigger and tuned.keywords_trigger == captions.keywords_trigger
     features = FeaturesPlan.from_config(CONFIG)
     tuned = FeaturesPlan.from_config(with_("features", batch_size=7, num_workers=1, slides_per_job=20))
-    assert tuned.image_trigger == features.image_trigger
+    assert tuned.image_trigger() == features.image_trigger()
     pyramid = FeaturesPlan.from_config(with_("features", read="pyramid"))
-    assert pyramid.image_trigger != features.image_trigger
+    assert pyramid.image_trigger() != features.image_trigger()
+    # weights given for another encoder (a baseline) do not touch this encoder's features
+    other = FeaturesPlan.from_config(with_("features", weights={"conch": "/models/conch.bin"}))
+    assert other.image_trigger() == features.image_trigger() and other.image_trigger("conch") != features.image_trigger("conch")
     assert pyramid.text_trigger("minilm") == features.text_trigger("minilm")  # text does not read pixels
 
 
@@ -74,6 +77,10 @@ def test_every_run_is_resolved_once_with_the_features_it_trains_on() -> None:
 
     with pytest.raises(ValueError, match="config ablations.no-mrtva: .* train.steps"):
         PretrainPlan.from_config(config, results="res", check=refuse)
+    # a run cannot quietly train on other features than its name says
+    with pytest.raises(ValueError, match="config ablations.on-conch: data.image_encoder cannot be changed"):
+        PretrainPlan.from_config({**config, "ablations": {"on-conch": {"data": {"image_encoder": "conch"}}}},
+                                 results="res")
 
 
 def test_settings_are_one_json_object_keyed_by_section(tmp_path: Path) -> None:

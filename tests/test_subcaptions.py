@@ -130,3 +130,14 @@ def test_subcaptions_stage_in_snakemake(tmp_path: Path) -> None:
     out = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "config.yaml"), str(tmp_path / "overlay.yaml"),
                     "--", "subcaptions")
     assert set(re.findall(r"^rule (\w+):", out, re.M)) == {"subcaptions_slide", "subcaptions"}, out[-2000:]
+
+
+def test_a_hash_inside_a_caption_is_text_not_a_comment(tmp_path: Path) -> None:
+    from mrplip_core.wsi.table import read_slide_table
+
+    (tmp_path / "slides.tsv").write_text("# cohort of two\nslide_id\tpath\tcaption\tdiagnosis\n"
+                                         "A\ta.svs\tInvasive carcinoma, block #2, margins clear.\tLUAD\n"
+                                         "# B\tb.svs\tcommented out\tLUSC\n")
+    table = read_slide_table(tmp_path / "slides.tsv")
+    assert list(table.index) == ["A"]
+    assert table.at["A", "caption"] == "Invasive carcinoma, block #2, margins clear." and table.at["A", "diagnosis"] == "LUAD"

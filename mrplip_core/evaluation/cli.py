@@ -5,8 +5,8 @@
     mrplip evaluate-retrieval --model myrun --settings JSON --out results/eval/myrun/retrieval
     mrplip eval-summary --out results/eval/summary.csv results/eval/*/*/metrics.json
 
-``--settings`` is JSON of ``{"evaluation": ..., "features": ...}`` (the config's sections; the
-rules pass it), or of the evaluation section alone. Nothing heavy is imported until a verb runs.
+``--settings`` is JSON of the config sections ``{"evaluation": ..., "features": ...}``, keyed
+by section name (the rules pass it). Nothing heavy is imported until a verb runs.
 """
 
 from __future__ import annotations

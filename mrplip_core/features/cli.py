@@ -40,7 +40,7 @@ def _cmd_features(a: argparse.Namespace) -> int:
     layout = Layout(a.results)
     torch.set_num_threads(max(1, a.threads))
     if len(a.slide_ids) > 1:  # a shard: one encoder, one DataLoader, finished slides kept as parts
-        trigger = json.dumps({"features": plan.image_trigger, "version": __version__})
+        trigger = json.dumps({"features": plan.image_trigger(plan.image_encoder), "version": __version__})
         for s in extract_image_shard(a.slide_ids, layout, plan.settings, trigger=trigger, threads=a.threads):
             print(f"{s['slide_id']}: {s['status']}" + (f", {s['n_patches']} patches, {s.get('images_per_s')} img/s"
                                                       if s["status"] == "ok" else f" {s.get('error') or s.get('part', '')}"))

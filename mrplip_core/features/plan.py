@@ -8,7 +8,6 @@ image encoder's weights do not recompute text features.
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import json
 import os
@@ -75,12 +74,14 @@ class FeaturesPlan(JobUnit):
     def text_encoder(self) -> str:
         return self.settings.text_encoder
 
-    @functools.cached_property
-    def image_trigger(self) -> str:
-        """What changes an image feature: every configured weights file (path, size, mtime),
-        precision, device and read mode; not batch size, workers, threads or the job unit."""
+    def image_trigger(self, encoder: str | None = None) -> str:
+        """What changes an image feature of ``encoder`` (default: features.image_encoder): its
+        weights file (path, size, mtime; as the job looks it up), precision, device and read
+        mode; not other encoders' weights, batch size, workers, threads or the job unit."""
         s = self.settings
-        return json.dumps({"weights": {k: weights_stamp(v) for k, v in s.weights.items()},
+        spec = get_spec(encoder or s.image_encoder)
+        weights = s.weights_for(spec.name, spec.weights_key)
+        return json.dumps({"weights": weights_stamp(weights) if weights else None,
                            "precision": s.precision, "device": s.device, "read": s.read}, sort_keys=True)
 
     def text_trigger(self, encoder: str) -> str:

@@ -15,8 +15,9 @@ deterministic and needs no model:
 3. Pieces are trimmed of white space; a piece of fewer than ``min_words`` words (a lone
    heading such as ``Diagnosis:``) is joined to the next one (or the previous, at the end).
 
-Every piece is an exact span of the caption: ``caption[start:end] == text``. The LLM splitter
-(``method: llm``) falls back to this one for a slide whose model output is invalid.
+Every piece is an exact span of the caption: ``caption[start:end] == text``. It is the only
+method so far (``pathflip.subcaptions.method: rules``); an LLM splitter is planned, with this
+one as its fallback for a slide whose model output is invalid.
 """
 
 from __future__ import annotations

@@ -217,6 +217,9 @@ def load_config(
         if not isinstance(loaded, Mapping):
             raise ValueError(f"{path}: expected a mapping, got {type(loaded).__name__}")
         values = dict(loaded.get("pretrain") or {}) if "pretrain" in loaded else dict(loaded)
+        from mrplip_core.train.summary import upgrade_saved_config
+
+        values = upgrade_saved_config(values)  # a run folder's config.yaml written by an older version
         features = loaded.get("features") or {}
         encoders = {key: features[key] for key in ("image_encoder", "text_encoder") if key in features}
         if encoders:

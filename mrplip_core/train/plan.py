@@ -60,6 +60,11 @@ class PretrainPlan:
         pretrain = config["pretrain"]
         features = config.get("features") or {}
         runs: dict[str, RunPlan] = {}
+        for name, changes in (config.get("ablations") or {}).items():
+            fixed = sorted(set((changes or {}).get("data") or {}) & {"image_encoder", "text_encoder", "results"})
+            if fixed:
+                raise ValueError(f"config ablations.{name}: data.{fixed[0]} cannot be changed: every run trains "
+                                 "on the features stage's encoders (features.image_encoder, features.text_encoder)")
         for i, (name, section) in enumerate(expand_runs(pretrain, config.get("ablations")).items()):
             if check is not None and i > 0:
                 try:

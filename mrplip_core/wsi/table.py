@@ -28,7 +28,12 @@ def read_slide_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise SlideTableError(f"slide table not found: {path}")
-    df = pd.read_csv(path, sep="\t", dtype={"slide_id": str, "path": str}, comment="#")
+    # Lines starting with "#" are comments; a "#" inside a field (a caption's "block #2") is text.
+    import io
+
+    text = "".join(line for line in path.read_text(encoding="utf-8-sig").splitlines(keepends=True)
+                   if not line.lstrip().startswith("#"))
+    df = pd.read_csv(io.StringIO(text), sep="\t", dtype={"slide_id": str, "path": str})
     missing = {"slide_id", "path"} - set(df.columns)
     if missing:
         raise SlideTableError(f"{path}: missing column(s) {sorted(missing)}; found {list(df.columns)}")
