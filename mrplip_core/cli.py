@@ -27,7 +27,7 @@ def _cmd_tiles(a: argparse.Namespace) -> int:
     from mrplip_core.jobs import read_sections
     from mrplip_core.layout import Layout
     from mrplip_core.wsi.plan import SECTIONS
-    from mrplip_core.wsi.table import read_slide_table
+    from mrplip_core.wsi.table import read_slide_table, table_mpp
     from mrplip_core.wsi.tiling import TilesOutputs, TilesSettings, tile_slide
 
     settings = TilesSettings.from_sections(read_sections(a.settings, *SECTIONS, verb="tiles"))
@@ -40,8 +40,7 @@ def _cmd_tiles(a: argparse.Namespace) -> int:
     for sid in a.slide_ids:
         outputs = TilesOutputs(layout.tiles(sid), layout.tissue_geojson(sid), layout.tissue_qc(sid),
                                layout.slide_record(sid))
-        mpp = table.at[sid, "mpp"]
-        rec = tile_slide(sid, table.at[sid, "path"], outputs, settings, table_mpp=None if mpp != mpp else float(mpp))
+        rec = tile_slide(sid, table.at[sid, "path"], outputs, settings, table_mpp=table_mpp(table, sid))
         if rec["status"] == "ok":
             print(f"{sid}: {rec['n_parents']} parents, {rec['n_patches']} patches, "
                   f"magnifications {rec['magnifications']}, skipped {rec['skipped_magnifications']} "

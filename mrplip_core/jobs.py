@@ -9,7 +9,7 @@ Every ``mrplip`` verb that the rules call takes ``--settings`` as a JSON object 
 sections it uses, keyed by section name (``{"features": {...}, "failures_fatal": false}``):
 :func:`settings_json` writes it, :func:`read_sections` reads it back.
 
-This module imports nothing of the project.
+This module imports only ``io.atomic`` of the project (the layer below it).
 """
 
 from __future__ import annotations
@@ -85,9 +85,6 @@ def write_shard_marker(path: str | os.PathLike[str], stage: str, slide_ids: Sequ
     """Write the marker of a finished shard job (``layout`` ``*_shard`` artifacts): JSON of the
     stage, its slides and ``info``, under a temporary name and then renamed, so a killed job
     never leaves a marker."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"stage": stage, "slides": list(slide_ids), **info}, indent=1))
-    os.replace(tmp, path)
-    return path
+    from mrplip_core.io.atomic import write_text
+
+    return write_text(json.dumps({"stage": stage, "slides": list(slide_ids), **info}, indent=1), path)

@@ -36,7 +36,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data", "model"),  # bags and their LM inputs; the model, its masks, the term names
     ("captions", "features", "convert_llava", "pathflip"),  # per-slide stages, and the LLaVA converter
     ("wsi", "encoders"),  # slides and tiling; the frozen-encoder registry
-    ("io", "config_mapping", "config_schema", "lazy", "layout", "jobs", ""),  # artifact writing, config <-> dataclasses, lazy names, result paths, job units
+    ("jobs",),  # job units, --settings, shard markers (written with io.atomic)
+    ("io", "config_mapping", "config_schema", "lazy", "layout", ""),  # artifact writing, config <-> dataclasses, lazy names, result paths, job units
 )
 #: May import anything (test helpers); imported by tests/ and bench/ only.
 FREE = "testing"

@@ -38,7 +38,6 @@ class TilesPlan(JobUnit):
 def slide_rows(slides: Any, slide_ids: Sequence[str]) -> str:
     """Rerun trigger of a tiles job: each slide's file and mpp override from the slide table
     (``slides``: the table indexed by slide_id, with ``path`` and ``mpp``)."""
-    def mpp(v: Any) -> float | None:
-        return None if v != v or v is None else float(v)  # NaN: no override
+    from mrplip_core.wsi.table import table_mpp
 
-    return json.dumps([[s, str(slides.at[s, "path"]), mpp(slides.at[s, "mpp"])] for s in slide_ids])
+    return json.dumps([[s, str(slides.at[s, "path"]), table_mpp(slides, s)] for s in slide_ids])

@@ -58,3 +58,9 @@ def read_slide_table(path: str | Path) -> pd.DataFrame:
     return df.set_index("slide_id", drop=False)
 
 
+
+
+def table_mpp(table: pd.DataFrame, slide_id: str) -> float | None:
+    """The slide table's mpp override of ``slide_id`` (um/px), or None where it gives none."""
+    v = table.at[slide_id, "mpp"]
+    return None if v is None or v != v else float(v)  # NaN: no override
