@@ -51,6 +51,9 @@ TEMPLATES: dict[str, str] = {
     "slide_captions": "slide_captions.parquet",  # a caption, or why there is none, per slide
     "subcaptions": "subcaptions/{slide}.parquet",  # region-level sub-captions: text and char span
     "subcaptions_shard": "subcaptions/.shards/shard_{shard}.json",
+    "pathflip_dir": "pathflip/{run}",  # a PathFLIP training run
+    "pathflip_model": "pathflip/{run}/model.safetensors",  # its exported model, written last
+    "pathflip_slides": "pathflip/{run}/slides.parquet",  # every slide: used (split) or left out (reason)
     # pretraining stage (rules/pretrain.smk)
     "run_dir": "pretrain/{run}",
     "model": "pretrain/{run}/model.safetensors",  # the exported model, written last
@@ -159,6 +162,15 @@ class Layout:
 
     def subcaptions(self, slide: str) -> Path:
         return self.path("subcaptions", slide=slide)
+
+    def pathflip_dir(self, run: str) -> Path:
+        return self.path("pathflip_dir", run=run)
+
+    def pathflip_model(self, run: str) -> Path:
+        return self.path("pathflip_model", run=run)
+
+    def pathflip_slides(self, run: str) -> Path:
+        return self.path("pathflip_slides", run=run)
 
     def run_dir(self, run: str) -> Path:
         return self.path("run_dir", run=run)

@@ -21,8 +21,9 @@ from mrplip_core.encoders import get_spec
 from mrplip_core.encoders.catalog import DEFAULT_IMAGE_ENCODER
 from mrplip_core.evaluation.settings import EvaluationSettings
 from mrplip_core.features.settings import FeatureSettings
-from mrplip_core.pathflip.settings import PathflipSettings
+from mrplip_core.pathflip.settings import TRAINING_KEYS, PathflipSettings
 from mrplip_core.train.config import PretrainConfig, load_config, resolve_loss
+from mrplip_core.train.pathflip_config import PathflipTrainConfig, load_pathflip_config, resolve_pathflip_loss
 from mrplip_core.wsi.tiling import TilesSettings
 
 NO_DEFAULT = "<no default>"
@@ -149,7 +150,12 @@ def test_dataclasses_mirror_the_schema(schema):
                                                       "failures_fatal": props["failures_fatal"]}}, {}),
         "captions": (CaptionSettings, props["captions"], {}),
         "evaluation": (EvaluationSettings, props["evaluation"], {}),
-        "pathflip": (PathflipSettings, props["pathflip"], {}),
+        # the sub-captions stage's keys, and the training run's (typed a layer up)
+        "pathflip": (PathflipSettings, {"properties": {k: v for k, v in props["pathflip"]["properties"].items()
+                                                       if k not in TRAINING_KEYS}}, {}),
+        "pathflip_run": (PathflipTrainConfig, {"properties": {k: v for k, v in props["pathflip"]["properties"].items()
+                                                              if k in TRAINING_KEYS}},
+                         {"pathflip_run.loss": resolve_pathflip_loss({})}),
         # the tiles stage reads wsi.thumbnail_mpp, two top-level keys, tissue and tiling
         "tiles": (TilesSettings, {"properties": {"thumbnail_mpp": props["wsi"]["properties"]["thumbnail_mpp"],
                                                  "mpp_fallback": props["mpp_fallback"],
@@ -168,6 +174,8 @@ def test_the_schema_fills_what_the_dataclasses_default_to():
     assert PretrainConfig.from_dict(filled).to_dict() == filled == PretrainConfig.from_dict({}).to_dict()
     assert load_config().to_dict() == filled  # `mrplip pretrain` without a config: the same defaults
     assert FeatureSettings.from_dict(check_section({}, section_schema("features"), "features")) == FeatureSettings()
+    filled = check_section({}, section_schema("pathflip"), "pathflip")
+    assert PathflipTrainConfig.from_dict(filled) == PathflipTrainConfig.from_dict({}) == load_pathflip_config()
 
 
 def test_the_default_image_encoder_is_defined_once(schema):

@@ -32,7 +32,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("report",),  # the HTML report: reads every stage's artifacts
     ("evaluation",),  # zero-shot, probes, retrieval of frozen encoders and trained runs
     ("train",),  # the pretraining loop; train.summary reads a run folder back
-    ("losses",),  # the objective's terms
+    ("losses",),  # the objective's terms (MR-PLIP's six, PathFLIP's two)
+    ("pathflip_model",),  # the PathFLIP model over a slide's patch features (uses model's layers)
     ("data", "model"),  # bags and their LM inputs; the model, its masks, the term names
     ("captions", "features", "convert_llava", "pathflip"),  # per-slide stages, and the LLaVA converter
     ("wsi", "encoders"),  # slides and tiling; the frozen-encoder registry

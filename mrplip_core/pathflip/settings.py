@@ -25,6 +25,11 @@ class SubcaptionSettings:
             raise ValueError("pathflip.subcaptions: min_words and slides_per_job must be >= 1")
 
 
+#: Keys of the ``pathflip`` section that configure the training run, typed by
+#: mrplip_core.train.pathflip_config (a higher layer); the sub-captions stage ignores them.
+TRAINING_KEYS = ("run", "seed", "data", "model", "loss", "optim", "train", "resources")
+
+
 @dataclass(frozen=True)
 class PathflipSettings:
     """What the PathFLIP stages read from the config (section ``pathflip``)."""
@@ -35,6 +40,6 @@ class PathflipSettings:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> PathflipSettings:
-        d = dict(d or {})
+        d = {k: v for k, v in dict(d or {}).items() if k not in TRAINING_KEYS}
         sub = from_mapping(SubcaptionSettings, d.pop("subcaptions", None), "pathflip.subcaptions")
         return from_mapping(cls, {**d, "subcaptions": sub}, "pathflip")
