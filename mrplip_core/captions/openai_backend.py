@@ -192,7 +192,13 @@ class OpenAIBackend:
                         tg.create_task(work())
 
     async def _request(self, session: aiohttp.ClientSession, task: PatchTask, body: str) -> tuple[str | None, str | None]:
-        """One patch: returns ``(caption, None)`` or ``(None, error)``; raises ServerGone."""
+        """One patch: returns ``(caption, None)`` or ``(None, error)``; raises ServerGone.
+
+        An error is returned (and recorded for the patch) for a non-transient HTTP status, a
+        transient one (HTTP 5xx, 429, ...) still failing after ``max_retries`` retries, a body
+        that is not chat-completions JSON, and an answer whose caption is empty or blank. A
+        caption is kept whole, however long (the text encoders truncate to their own length).
+        """
         url = f"{self.base_url}/chat/completions"
         last = ""
         for attempt in range(self.o.max_retries + 1):
@@ -215,8 +221,9 @@ class OpenAIBackend:
                         content = choice["message"]["content"]
                     except (ValueError, KeyError, IndexError, TypeError) as exc:
                         return None, f"malformed response ({type(exc).__name__}): {text[:300]}"
-                    if content is None:
-                        return None, f"empty response (finish_reason {choice.get('finish_reason')!r})"
+                    if not isinstance(content, str) or not content.strip():
+                        return None, (f"empty caption {content!r} (finish_reason {choice.get('finish_reason')!r}): "
+                                      f"{text[:300]}")
                     return content.strip(), None
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 last = f"{type(exc).__name__}: {exc}"

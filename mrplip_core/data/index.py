@@ -39,21 +39,45 @@ def usable_slides(paths: CorpusPaths) -> list[str]:
     return sorted(slides.loc[slides["status"] == "ok", "slide_id"].astype(str))
 
 
-def _slide_bags(paths: CorpusPaths, slide_id: str, magnifications: Sequence[float]) -> tuple[list[str], str]:
-    """(bag ids with at least one patch at a configured magnification, reason if skipped)."""
+def _slide_bags(paths: CorpusPaths, slide_id: str, magnifications: Sequence[float]) -> tuple[list[str], str, int | None]:
+    """(bag ids with at least one patch at a configured magnification, reason if skipped,
+    width of its image features or None).
+
+    Raises ``OSError`` when the image features file cannot be read as HDF5 (truncated,
+    overwritten) and ``ValueError`` when it was made by another encoder than
+    ``paths.image_encoder`` or its features are not as wide as its ``dim`` attr says; each
+    message names the slide and the file and says to delete it and rerun the features stage.
+    """
     files = paths.slide_files(slide_id)
     missing = [f"{name} ({path})" for name, path in files.items() if not path.exists()]
     if missing:
         raise FileNotFoundError(f"slide {slide_id!r} is 'ok' but has no {', '.join(missing)}")
-    with h5py.File(files["image_features"], "r") as f:
-        status = str(f.attrs.get("status", "ok"))
+    path = files["image_features"]
+    redo = "delete it and rerun `snakemake features`"
+    try:
+        with h5py.File(path, "r") as f:
+            status = str(f.attrs.get("status", "ok"))
+            encoder = str(f.attrs.get("encoder", paths.image_encoder))
+            dim = int(f.attrs["dim"]) if "dim" in f.attrs else None
+            widths = {g: int(f[g]["features"].shape[1]) for g in f
+                      if isinstance(f[g], h5py.Group) and "features" in f[g] and f[g]["features"].ndim == 2}
+    except OSError as exc:
+        raise OSError(f"slide {slide_id!r}: image features {path} cannot be read ({exc}); {redo}") from None
     if status != "ok":
-        return [], f"image features status {status!r}"
+        return [], f"image features status {status!r}", None
+    if encoder != paths.image_encoder:
+        raise ValueError(f"slide {slide_id!r}: image features {path} were made by encoder {encoder!r}, "
+                         f"not the configured {paths.image_encoder!r}; {redo}")
+    wrong = {g: w for g, w in widths.items() if dim is not None and w != dim}
+    if wrong or len(set(widths.values())) > 1:
+        raise ValueError(f"slide {slide_id!r}: image features {path} have widths {widths}, but encoder "
+                         f"{encoder!r} gives {dim}-dim features; {redo}")
     table = pq.read_table(files["manifest"], columns=["bag_id", "magnification"])
     mags = np.asarray(table.column("magnification").to_numpy(zero_copy_only=False), dtype=np.float64)
     keep = np.isin(np.round(mags, 6), np.round(np.asarray(magnifications, dtype=np.float64), 6))
     bags = np.asarray(table.column("bag_id").to_numpy(zero_copy_only=False), dtype=object)[keep]
-    return sorted(set(map(str, bags))), "" if keep.any() else "no patch at a configured magnification"
+    width = next(iter(widths.values()), None)
+    return sorted(set(map(str, bags))), "" if keep.any() else "no patch at a configured magnification", width
 
 
 def build_bag_index(
@@ -80,12 +104,28 @@ def build_bag_index(
     -------
     DataFrame with columns slide_id, bag_id, split ('train' | 'val'), sorted by slide and
     bag, so the same files always give the same index.
+
+    Raises
+    ------
+    OSError, ValueError: a usable slide's image features cannot be read (truncated HDF5),
+        were made by another encoder, or are not as wide as the other slides' (a file of
+        another encoder's dimension); the message names the slide and the file.
     """
     ids = sorted(slide_ids) if slide_ids is not None else usable_slides(paths)
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = list(pool.map(lambda s: _slide_bags(paths, s, magnifications), ids))
+    widths = {slide_id: width for slide_id, (_, _, width) in zip(ids, results) if width is not None}
+    if len(set(widths.values())) > 1:
+        common = max(set(widths.values()), key=list(widths.values()).count)
+        odd = [s for s, w in widths.items() if w != common]
+        raise ValueError(
+            f"image features of encoder {paths.image_encoder!r} are {common}-dim for most slides but "
+            f"{widths[odd[0]]}-dim for slide {odd[0]!r} ({paths.image_features(odd[0])})"
+            + (f" and {len(odd) - 1} more" if len(odd) > 1 else "")
+            + "; delete the odd files and rerun `snakemake features`"
+        )
     rows: list[tuple[str, str, str]] = []
-    for slide_id, (bags, reason) in zip(ids, results):
+    for slide_id, (bags, reason, _) in zip(ids, results):
         if reason:
             log.warning("slide %s left out of pretraining: %s", slide_id, reason)
         split = slide_split(slide_id, val_fraction, split_seed)

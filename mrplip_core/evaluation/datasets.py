@@ -20,6 +20,8 @@ from mrplip_core.evaluation.settings import DatasetSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SPLITS = ("train", "test")
+#: Smallest tile side (px) evaluated; smaller images (a 1x1 placeholder) are an error.
+MIN_TILE_PX = 16
 
 
 class DatasetError(ValueError):
@@ -64,12 +66,25 @@ class TileDataset:
         return {c: int(n) for c, n in zip(*np.unique(np.asarray(self.labels), return_counts=True))}
 
     def read(self, i: int) -> np.ndarray:
-        """Tile ``i`` as RGB uint8 (H, W, 3)."""
+        """Tile ``i`` as RGB uint8 (H, W, 3), whatever the file's mode.
+
+        Grayscale, palette and CMYK tiles are converted to RGB; 16-bit tiles are scaled to
+        8 bits (the top byte, as PIL reduces 16-bit RGB); a transparent tile is composited
+        onto white, as slide regions are (:mod:`mrplip_core.wsi.slide`). Raises
+        :class:`DatasetError` naming the file when it cannot be decoded or is smaller than
+        ``MIN_TILE_PX`` on a side.
+        """
+        path = self.paths[i]
         try:
-            with Image.open(self.paths[i]) as im:
-                return np.asarray(im.convert("RGB"))
-        except (OSError, ValueError) as exc:
-            raise DatasetError(f"dataset {self.name!r}: cannot read {self.paths[i]}: {exc}") from None
+            with Image.open(path) as im:
+                rgb = _to_rgb(im)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DatasetError(f"dataset {self.name!r}: cannot read {path}: {exc}") from None
+        h, w = rgb.shape[:2]
+        if min(h, w) < MIN_TILE_PX:
+            raise DatasetError(f"dataset {self.name!r}: tile {path} is {w}x{h} px, smaller than "
+                               f"{MIN_TILE_PX} px on a side: not a tile to evaluate on")
+        return rgb
 
     def batches(self, batch_size: int, indices: Sequence[int] | None = None, threads: int = 1) -> Iterator[list[np.ndarray]]:
         """Tiles in order, ``batch_size`` at a time (only ``indices`` when given), decoded by
@@ -154,3 +169,17 @@ def _from_csv(csv: Path, name: str) -> tuple[list[Path], list[str], list[str] | 
         if bad:
             raise DatasetError(f"dataset {name!r}: {csv} split values must be {SPLITS}, found {bad}")
     return paths, labels, split
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """A decoded PIL image as RGB uint8: 16-bit to 8-bit by its top byte, alpha onto white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit (or 32-bit int) grayscale
+        values = np.asarray(im, dtype=np.int64)
+        shift = 8 if im.mode.startswith("I;16") or values.max(initial=0) <= 0xFFFF else 24
+        gray = (np.clip(values, 0, None) >> shift).clip(0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.uint16)
+        a = rgba[..., 3:4]
+        return ((rgba[..., :3] * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    return np.asarray(im.convert("RGB"))

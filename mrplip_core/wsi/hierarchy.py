@@ -109,7 +109,8 @@ def plan_for_slide(slide_id: str, slide_mpp: float, objective: float, params: Ti
             "(tiling.missing_magnification is 'fail')"
         )
     if not kept:
-        raise TilingError(f"slide {slide_id!r} at {objective:g}x is below the parent magnification {parent_mag:g}x")
+        raise TilingError(f"slide {slide_id!r} at {objective:g}x ({slide_mpp:g} um/px) is below the parent "
+                          f"magnification {parent_mag:g}x; check its mpp")
     depths = tuple(int(round(math.log2(m / parent_mag))) for m in kept)
     unit = 2 ** max(depths)
     exact = params.patch_px * magnification_to_mpp(parent_mag) / slide_mpp

@@ -12,6 +12,7 @@ Leica SCN, DICOM-WSI given as its folder or one of its files, ...).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,9 @@ class Slide:
 
     Raises
     ------
-    SlideError: the file is missing, OpenSlide cannot open it, or no mpp can be resolved;
-        the message names ``slide_id`` and ``path``.
+    SlideError: the file is missing, empty (0 bytes), not readable by this user, OpenSlide
+        cannot open it (not a slide format, truncated, a folder without DICOM files), or no
+        mpp can be resolved; the message names ``slide_id`` and ``path``.
     """
 
     def __init__(
@@ -126,6 +128,10 @@ class Slide:
         self.slide_id = slide_id or self.path.stem
         if not self.path.exists():
             raise SlideError(f"slide {self.slide_id!r}: file not found: {self.path}")
+        if self.path.is_file() and self.path.stat().st_size == 0:
+            raise SlideError(f"slide {self.slide_id!r}: file is empty (0 bytes): {self.path}")
+        if not os.access(self.path, os.R_OK):
+            raise SlideError(f"slide {self.slide_id!r}: no read permission for {self.path}")
         try:
             self._osr = openslide.OpenSlide(str(_open_target(self.path)))
         except (openslide.OpenSlideError, FileNotFoundError, ValueError) as exc:

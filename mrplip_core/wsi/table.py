@@ -24,6 +24,11 @@ def read_slide_table(path: str | Path) -> pd.DataFrame:
 
     Returns a frame indexed by ``slide_id`` with an absolute ``path`` column, an ``mpp``
     column (float um/px, NaN where not given) and any label columns unchanged.
+
+    Raises :class:`SlideTableError` naming the file (and the row or slide where there is one)
+    when the table is missing, empty (no header, or a header and no slides), lacks
+    ``slide_id`` or ``path``, has an id that is not ``[A-Za-z0-9._-]`` (spaces, non-ASCII),
+    an empty path, a duplicate id, or an ``mpp`` that is not a positive number.
     """
     path = Path(path)
     if not path.exists():
@@ -33,10 +38,14 @@ def read_slide_table(path: str | Path) -> pd.DataFrame:
 
     text = "".join(line for line in path.read_text(encoding="utf-8-sig").splitlines(keepends=True)
                    if not line.lstrip().startswith("#"))
+    if not text.strip():
+        raise SlideTableError(f"{path}: the slide table is empty (expected a header line with slide_id and path)")
     df = pd.read_csv(io.StringIO(text), sep="\t", dtype={"slide_id": str, "path": str})
     missing = {"slide_id", "path"} - set(df.columns)
     if missing:
         raise SlideTableError(f"{path}: missing column(s) {sorted(missing)}; found {list(df.columns)}")
+    if df.empty:
+        raise SlideTableError(f"{path}: the slide table lists no slides (a header and no rows)")
     for row, (sid, spath) in enumerate(zip(df["slide_id"], df["path"]), start=2):
         if not isinstance(sid, str) or not _SLIDE_ID_RE.match(sid):
             raise SlideTableError(f"{path} line {row}: slide_id {sid!r} must match {SLIDE_ID_PATTERN}")
