@@ -152,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mrplip_core.pathflip import cli as pathflip_cli
     from mrplip_core.report import cli as report_cli
     from mrplip_core.train import cli as train_cli
+    from mrplip_core.use import cli as use_cli
 
-    for stage in (captions_cli, convert_llava_cli, features_cli, pathflip_cli, train_cli, evaluation_cli, report_cli):
+    for stage in (captions_cli, convert_llava_cli, features_cli, pathflip_cli, train_cli, evaluation_cli, use_cli, report_cli):
         stage.register(sub)
     return p
 

@@ -1,7 +1,7 @@
 """Where every stage's result files live: the one definition of the artifact contract.
 
 Each artifact has a name and a template below the results folder; ``{slide}``, ``{encoder}``,
-``{run}``, ``{model}``, ``{dataset}`` and ``{shard}`` are its wildcards. A ``*_shard`` artifact is
+``{run}``, ``{model}``, ``{dataset}``, ``{query}`` and ``{shard}`` are its wildcards. A ``*_shard`` artifact is
 the marker a shard job (``slides_per_job`` > 1) writes once all its slides are done: later
 stages and cohort-level jobs wait for those markers instead of 20,000 per-slide files, which
 keeps the plan of a cohort small (bench/README.md). The library asks for a
@@ -68,6 +68,13 @@ TEMPLATES: dict[str, str] = {
     "eval_summary": "eval/summary.csv",
     "report_dir": "report",
     "report": "report/index.html",
+    # using the models: text-to-region localisation (rules/localize.smk); {model} is
+    # "{family}-{run}" (pathflip-demo, mrplip-demo), {query} a file-safe key of the query text
+    "localize_dir": "localize/{model}",
+    "localize_summary": "localize/{model}/summary.parquet",  # a row per (slide, query): status, files, error
+    "localize_scores": "localize/{model}/{slide}/{query}.parquet",  # per patch: level-0 box, score
+    "localize_heatmap": "localize/{model}/{slide}/{query}.png",  # over the slide's thumbnail
+    "localize_geojson": "localize/{model}/{slide}/{query}.geojson",  # top region, level-0 px (QuPath)
 }
 
 #: The dataset name under which a run's retrieval result is stored (``eval/{model}/retrieval``).
@@ -211,3 +218,18 @@ class Layout:
     @property
     def report(self) -> Path:
         return self.path("report")
+
+    def localize_dir(self, model: str) -> Path:
+        return self.path("localize_dir", model=model)
+
+    def localize_summary(self, model: str) -> Path:
+        return self.path("localize_summary", model=model)
+
+    def localize_scores(self, model: str, slide: str, query: str) -> Path:
+        return self.path("localize_scores", model=model, slide=slide, query=query)
+
+    def localize_heatmap(self, model: str, slide: str, query: str) -> Path:
+        return self.path("localize_heatmap", model=model, slide=slide, query=query)
+
+    def localize_geojson(self, model: str, slide: str, query: str) -> Path:
+        return self.path("localize_geojson", model=model, slide=slide, query=query)

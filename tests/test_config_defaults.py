@@ -24,6 +24,7 @@ from mrplip_core.features.settings import FeatureSettings
 from mrplip_core.pathflip.settings import TRAINING_KEYS, PathflipSettings
 from mrplip_core.train.config import PretrainConfig, load_config, resolve_loss
 from mrplip_core.train.pathflip_config import PathflipTrainConfig, load_pathflip_config, resolve_pathflip_loss
+from mrplip_core.use.settings import LocalizeSettings
 from mrplip_core.wsi.tiling import TilesSettings
 
 NO_DEFAULT = "<no default>"
@@ -150,6 +151,7 @@ def test_dataclasses_mirror_the_schema(schema):
                                                       "failures_fatal": props["failures_fatal"]}}, {}),
         "captions": (CaptionSettings, props["captions"], {}),
         "evaluation": (EvaluationSettings, props["evaluation"], {}),
+        "localize": (LocalizeSettings, props["localize"], {}),
         # the sub-captions stage's keys, and the training run's (typed a layer up)
         "pathflip": (PathflipSettings, {"properties": {k: v for k, v in props["pathflip"]["properties"].items()
                                                        if k not in TRAINING_KEYS}}, {}),

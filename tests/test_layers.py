@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("__main__",),  # python -m mrplip_core
     ("cli",),  # the mrplip command; each stage registers its verbs from its own cli module
     ("report",),  # the HTML report: reads every stage's artifacts
+    ("use",),  # using the models: localisation on slides, embeddings (reuses evaluation's embedders)
     ("evaluation",),  # zero-shot, probes, retrieval of frozen encoders and trained runs
     ("train",),  # the pretraining loop; train.summary reads a run folder back
     ("losses",),  # the objective's terms (MR-PLIP's six, PathFLIP's two)

@@ -206,6 +206,10 @@ class MRPLIPEmbedder:
 
         return cls(model, run_dir.name, encoder_name, encoder, config)
 
+    def frozen_encoder(self) -> FrozenImageEncoder:
+        """The frozen image encoder that turns tile pixels into features (built on first use)."""
+        return self._encoder.get()
+
     def embed_features(self, features: np.ndarray, mpp: float) -> np.ndarray:
         out = self.model.encode_image(np.asarray(features, dtype=np.float32), magnification=mpp_to_magnification(mpp))
         return _numpy(out)
