@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 from mrplip_core.captions.openai_backend import OpenAIBackend  # noqa: E402
 from mrplip_core.captions.patches import SlideReader, load_manifest, tasks_from_manifest  # noqa: E402
 from mrplip_core.captions.run import SlideJob, caption_slides  # noqa: E402
-from mrplip_core.captions.server import ManagedServer  # noqa: E402
+from mrplip_core.serving.server import ManagedServer  # noqa: E402
 from mrplip_core.captions.settings import CaptionSettings  # noqa: E402
 
 
@@ -165,7 +165,7 @@ def main() -> int:
             "image": image, "openai": {"base_url": base_url, "concurrency": a.concurrency}})
         img = settings.image
         img_desc = f"{img.format}" + (f" q{img.jpeg_quality}" if img.format == "jpeg" else "") + f" max_px {img.max_px}"
-        from mrplip_core.captions.openai_backend import list_models
+        from mrplip_core.serving.client import list_models
 
         model_id = list_models(base_url)[0]
         by_id, cpu_s = bodies_for(results, ids, settings, model_id)

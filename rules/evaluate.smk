@@ -16,6 +16,7 @@ EVAL_PLAN = EvaluationPlan.from_config(
     layout=LAYOUT,
     slide_files=lambda name, **fixed: stage_files(name, SLIDE_IDS, **fixed),  # slides' files or shard markers
     bundled_root=os.path.normpath(os.path.join(workflow.basedir, "..")),  # shipped prompt files
+    pathflip_runs={PATHFLIP_PLAN.run: PATHFLIP_PLAN.image_encoder},  # slide level (rules/pathflip.smk)
 )
 EVAL = EVAL_PLAN.settings
 # Not sorted: the report lists datasets in the order the config gives them.
@@ -91,6 +92,28 @@ rule eval_retrieval:
         runtime=per_attempt(EVAL.runtime),
     shell:
         "{MRPLIP} evaluate-retrieval --model {wildcards.model} --results {LAYOUT.root} --settings {EVAL_SETTINGS_ARG} --threads {threads} > {log} 2>&1"
+
+
+rule eval_slides:
+    input:
+        unpack(lambda wc: EVAL_PLAN.slide_eval_inputs(wc.model)),
+    output:
+        LAYOUT.pattern("eval_metrics", dataset="slides"),
+    wildcard_constraints:
+        model=alternatives(EVAL_PLAN.slide_models, "no-slide-models"),
+    params:
+        trigger=EVAL.digest("slides", "linear_probe"),
+        pathflip_run=PATHFLIP_PLAN.run,
+        version=mrplip_core.__version__,
+    log:
+        "logs/eval/{model}/slides.log",
+    threads: EVAL.threads
+    resources:
+        mem_mb=per_attempt(EVAL.mem_mb),
+        runtime=per_attempt(EVAL.runtime),
+    shell:
+        "{MRPLIP} evaluate-slides --model {wildcards.model} --table {input.table:q} --results {LAYOUT.root}"
+        " --pathflip-run {params.pathflip_run} --settings {EVAL_SETTINGS_ARG} --threads {threads} > {log} 2>&1"
 
 
 rule eval_summary:

@@ -1,9 +1,19 @@
 # PathFLIP, stage 1: slide captions and their region-level sub-captions (plan:
 # mrplip_core/pathflip/plan.py). One job makes the slide-captions table (a caption, or the reason
 # there is none, per slide); then one job per slide, or per shard of
-# `pathflip.subcaptions.slides_per_job` slides, splits each caption.
+# `pathflip.subcaptions.slides_per_job` slides, splits each caption. With `method: llm` a job asks
+# a language model (a server it starts and stops itself, as the captions jobs do, or
+# `llm.openai.base_url`), one server start per job: its resources come from the `llm` section and
+# the server's log goes to logs/subcaptions/.
 SUBCAPTIONS_SETTINGS_ARG = shlex.quote(SUBCAPTIONS_PLAN.settings_arg)
 _CAPTION_FILE = SUBCAPTIONS_PLAN.settings.captions
+_SUB_LLM = SUBCAPTIONS_PLAN.settings.subcaptions.method == "llm"
+_SUB_LOG_DIR = " --log-dir logs/subcaptions" if _SUB_LLM else ""
+_SUB_RES = SUBCAPTIONS_PLAN.subcaptions_resources
+SUBCAPTIONS_RESOURCES = (
+    dict(mem_mb=per_attempt(_SUB_RES["mem_mb"]), runtime=per_attempt(_SUB_RES["runtime"]), gpu=_SUB_RES["gpu"])
+    if _SUB_LLM else dict(mem_mb=2000, runtime=10)
+)
 
 
 rule slide_captions:
@@ -40,11 +50,10 @@ if SUBCAPTIONS_PLAN.per_slide:
             "logs/subcaptions/{slide}.log",
         threads: 1
         resources:
-            mem_mb=2000,
-            runtime=10,
+            **SUBCAPTIONS_RESOURCES,
         shell:
             "{MRPLIP} subcaptions {wildcards.slide:q} --results {LAYOUT.root}"
-            " --settings {SUBCAPTIONS_SETTINGS_ARG} > {log} 2>&1"
+            " --settings {SUBCAPTIONS_SETTINGS_ARG}{_SUB_LOG_DIR} > {log} 2>&1"
 
 else:
     for _name, _shard, _ids, _quoted in shard_rules("subcaptions", SUBCAPTIONS_PLAN.shards(SLIDE_IDS)):
@@ -65,11 +74,10 @@ else:
                 f"logs/subcaptions/shard_{_shard}.log",
             threads: 1
             resources:
-                mem_mb=2000,
-                runtime=10 + len(_ids) // 100,
+                **(SUBCAPTIONS_RESOURCES if _SUB_LLM else dict(mem_mb=2000, runtime=10 + len(_ids) // 100)),
             shell:
                 "{MRPLIP} subcaptions {params.slides} --results {LAYOUT.root}"
-                " --settings {SUBCAPTIONS_SETTINGS_ARG} --done {output.done} > {log} 2>&1"
+                " --settings {SUBCAPTIONS_SETTINGS_ARG}{_SUB_LOG_DIR} --done {output.done} > {log} 2>&1"
 
 
 rule subcaptions:

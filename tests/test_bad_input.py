@@ -77,7 +77,7 @@ CASES: dict[str, tuple[str, str, str]] = {
     # captions server (openai backend)
     "caption-http-500": ("the server answers HTTP 500", "failed after 3 attempts: HTTP 500", PATCH),
     "caption-malformed-json": ("the server answers `{not json`", "malformed response (JSONDecodeError)", PATCH),
-    "caption-empty": ("the server answers an empty caption", "empty caption ''", PATCH),
+    "caption-empty": ("the server answers an empty caption", "empty answer ''", PATCH),
     "caption-100k-chars": ("a caption of 100,000 characters", "kept whole", WORKS),
 }
 

@@ -11,7 +11,7 @@ import pytest
 from test_captions_support import FakeOpenAI, make_tiles
 
 from mrplip_core.captions.backends import CaptionResult, MorphologyBackend
-from mrplip_core.captions.openai_backend import ServerGone
+from mrplip_core.serving.client import ServerGone
 from mrplip_core.captions.parts import parts_dir, read_parts
 from mrplip_core.captions.run import SlideJob, caption_slides
 from mrplip_core.jobs import shard_slides

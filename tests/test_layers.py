@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pathflip_model",),  # the PathFLIP model over a slide's patch features (uses model's layers)
     ("data", "model"),  # bags and their LM inputs; the model, its masks, the term names
     ("captions", "features", "convert_llava", "pathflip"),  # per-slide stages, and the LLaVA converter
-    ("wsi", "encoders"),  # slides and tiling; the frozen-encoder registry
+    ("wsi", "encoders", "serving"),  # slides and tiling; the frozen-encoder registry; LLM server and client
     ("jobs",),  # job units, --settings, shard markers (written with io.atomic)
     ("io", "config_mapping", "config_schema", "lazy", "layout", ""),  # artifact writing, config <-> dataclasses, lazy names, result paths, job units
 )

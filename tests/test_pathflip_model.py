@@ -262,3 +262,24 @@ def test_the_trained_model_localises_sub_captions_clearly_above_chance(tmp_path)
     print(f"held-out AUROC untrained {auc0:.3f} trained {auc1:.3f}; pointing {point0:.2f} -> {point1:.2f}")
     assert auc0 < 0.7  # a random model does not localise
     assert auc1 > 0.85 and point1 > 0.75
+
+
+def test_the_rest_trains_while_bad_slides_are_left_out(tmp_path):
+    """No caption, an over-long caption, failed features: recorded in the run's slides.parquet,
+    and the other slides train (multi-magnification form: 5x and 20x patches)."""
+    results = write_pathflip_corpus(tmp_path / "results", n_slides=7, magnifications=(5.0, 20.0))
+    layout = Layout(results)
+    captions = pd.read_parquet(layout.slide_captions)
+    captions.loc[0, ["status", "reason"]] = ["too_long", "20000 characters (pathflip.max_caption_chars: 10000)"]
+    captions.loc[1, ["status", "reason", "caption"]] = ["empty", "the caption is empty", ""]
+    captions.to_parquet(layout.slide_captions)
+    with h5py.File(layout.image_features("tiny-vit-random", "planted_002"), "r+") as f:
+        f.attrs.update(status="failed", reason="planted_002: truncated file")
+    settings = tiny_pathflip_settings(results, train={"steps": 2}, data={"magnifications": [5.0, 20.0], "val_fraction": 0.0})
+    train_pathflip(PathflipTrainConfig.from_dict(settings), tmp_path / "run")
+    table = pd.read_parquet(tmp_path / "run" / "slides.parquet").set_index("slide_id")
+    assert table["status"].to_dict() == {"planted_000": "caption_too_long", "planted_001": "caption_empty",
+                                         "planted_002": "features_failed", **{f"planted_00{i}": "ok" for i in range(3, 7)}}
+    model = load_pathflip(tmp_path / "run")
+    assert model.magnifications == (5.0, 20.0)
+    assert model.model.patch_in.magnification is not None  # the magnification embedding is on

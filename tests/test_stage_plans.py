@@ -118,14 +118,15 @@ def finished_demo(tmp_path_factory) -> Path:
     return wd
 
 
-def test_a_new_image_encoder_reruns_features_pretraining_and_evaluation_only(finished_demo: Path) -> None:
+def test_a_new_image_encoder_reruns_features_both_trainings_and_evaluation_only(finished_demo: Path) -> None:
     (finished_demo / "overlay.yaml").write_text(yaml.safe_dump({"features": {"image_encoder": "quiltnet"}}))
     out = snakemake(finished_demo, "-n", "--configfile", str(finished_demo / "config.yaml"), str(finished_demo / "overlay.yaml"))
     rules = planned_rules(out)
-    assert {"features_slide", "pretrain", "pretrain_ablation", "eval_retrieval", "html_report"} <= rules, rules
+    assert {"features_slide", "pretrain", "pretrain_ablation", "pathflip", "eval_retrieval", "eval_slides",
+            "html_report"} <= rules, rules
     assert not rules & {"demo_slide", "tiles_slide", "slides_table", "captions_slide", "keywords_slide",
                         "text_features_slide"}, rules
-    assert all(r.startswith(("features_", "pretrain", "eval_", "html_")) for r in rules), rules
+    assert all(r.startswith(("features_", "pretrain", "pathflip", "eval_", "html_")) for r in rules), rules
 
 
 def test_tiles_in_shards_write_a_marker_and_rebuild_a_deleted_slide(tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ def caption_slides(
 
     A slide whose record is not ``ok`` or whose manifest is empty gets an empty captions
     file. Patches already captioned in earlier part files are not requested again. Raises
-    whatever the backend raises (e.g. :class:`~mrplip_core.captions.openai_backend.ServerGone`)
+    whatever the backend raises (e.g. :class:`~mrplip_core.serving.client.ServerGone`)
     after flushing every result received, so a rerun loses nothing.
     """
     t0 = time.monotonic()

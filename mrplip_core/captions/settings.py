@@ -11,6 +11,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
+from mrplip_core.serving.settings import OpenAIParams
 from mrplip_core.wsi.magnification import format_magnification
 
 Backend = Literal["morphology", "openai", "transformers"]
@@ -65,34 +66,6 @@ class ImageParams:
 
 
 @dataclass(frozen=True)
-class ServerParams:
-    """A vLLM (or any OpenAI-compatible) server the captions job starts and stops itself."""
-
-    # Command, split like a shell would (shlex); {model}, {name} (the model folder's name),
-    # {host} and {port} are replaced (nothing else is interpreted: JSON needs no escaping).
-    command: str = "vllm serve {model} --served-model-name {name} --host {host} --port {port}"
-    host: str = "127.0.0.1"
-    port: int = 0  # 0: pick a free port
-    startup_timeout_s: float = 1200.0  # wait this long for GET /health to answer 200
-    env: dict[str, str] = field(default_factory=dict)  # extra environment for the server
-
-
-@dataclass(frozen=True)
-class OpenAIParams:
-    """Client of the ``openai`` backend."""
-
-    base_url: str | None = None  # e.g. http://gpu-node:8000/v1 (a server you run); None: start one
-    model_name: str | None = None  # served model name; None: the only one /v1/models lists
-    api_key_env: str | None = None  # environment variable holding the API key (None: no key)
-    concurrency: int = 64  # requests in flight (keep the server's batch full)
-    request_timeout_s: float = 600.0  # per request
-    max_retries: int = 4  # retries of a transient failure (connection, timeout, 408/429/5xx)
-    backoff_s: float = 1.0  # first retry delay; doubles each retry, with jitter
-    abort_after_failures: int = 16  # consecutive connection failures: the server is gone, stop
-    server: ServerParams = field(default_factory=ServerParams)
-
-
-@dataclass(frozen=True)
 class TransformersParams:
     """In-process ``generate()`` of the ``transformers`` backend."""
 
@@ -124,7 +97,7 @@ class CaptionSettings:
     prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
     generation: GenerationParams = field(default_factory=GenerationParams)
     image: ImageParams = field(default_factory=ImageParams)
-    openai: OpenAIParams = field(default_factory=OpenAIParams)
+    openai: OpenAIParams = field(default_factory=OpenAIParams)  # client and server (mrplip_core.serving)
     transformers: TransformersParams = field(default_factory=TransformersParams)
     keywords: KeywordParams = field(default_factory=KeywordParams)
     io_threads: int = 4  # threads reading and encoding patches

@@ -110,6 +110,31 @@ def _cmd_evaluate_retrieval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate_slides(a: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from mrplip_core.evaluation.plan import SLIDES
+    from mrplip_core.evaluation.run import write_json
+    from mrplip_core.evaluation.slides import evaluate_slides
+
+    settings, _ = _start(a)
+    layout = Layout(a.results)
+    held_out: list[str] = []
+    if a.pathflip_run:
+        table = pd.read_parquet(layout.pathflip_slides(a.pathflip_run))
+        held_out = table.loc[(table["status"] == "ok") & (table["split"] == "val"), "slide_id"].tolist()
+    r = evaluate_slides(a.model, a.results, a.table, settings, held_out)
+    out = Path(a.out) if a.out else layout.eval_metrics(a.model, SLIDES)
+    write_json(r, out)
+    for column, task in r["labels"].items():
+        for kind in ("zero_shot", "linear_probe"):
+            t = task[kind]
+            print(f"{a.model} slides {kind} {column}: {t.get('status')} "
+                  f"{t.get('weighted_f1', '')} {t.get('reason', '')}".rstrip())
+    print(f"{a.model} slide retrieval: {r['retrieval'].get('status')} {r['retrieval'].get('caption_to_slide', '')}")
+    return 0
+
+
 def _cmd_eval_summary(a: argparse.Namespace) -> int:
     from mrplip_core.evaluation.run import write_summary
 
@@ -148,6 +173,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--settings", default="", help=settings_help)
     s.add_argument("--threads", type=int, default=2)
     s.set_defaults(func=_cmd_evaluate_retrieval)
+
+    s = sub.add_parser("evaluate-slides", help="slide-level zero-shot, linear probe and caption<->slide retrieval")
+    s.add_argument("--model", required=True, help="pathflip-{run} (a PathFLIP run) or an MR-PLIP pretrain run name")
+    s.add_argument("--table", required=True, help="the slide table (its label columns: evaluation.slides.labels)")
+    s.add_argument("--results", default=RESULTS)
+    s.add_argument("--pathflip-run", default=None, help="the PathFLIP run whose held-out slides retrieval uses")
+    s.add_argument("--out", default=None, help="metrics.json (default RESULTS/eval/MODEL/slides/metrics.json)")
+    s.add_argument("--settings", default="", help=settings_help)
+    s.add_argument("--threads", type=int, default=2)
+    s.set_defaults(func=_cmd_evaluate_slides)
 
     s = sub.add_parser("eval-summary", help="one CSV row per (model, dataset, task) from metrics.json files")
     s.add_argument("metrics", nargs="*", help="metrics.json files")

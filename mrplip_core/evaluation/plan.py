@@ -17,6 +17,9 @@ from typing import Any
 from mrplip_core.evaluation.settings import BASELINE_PREFIX, DatasetSpec, EvaluationSettings
 from mrplip_core.layout import RETRIEVAL, Layout
 
+PATHFLIP_PREFIX = "pathflip-"  # slide-level model name of a PathFLIP run
+SLIDES = "slides"  # the dataset name of slide-level metrics: eval/{model}/slides/metrics.json
+
 
 @dataclass
 class EvaluationPlan:
@@ -34,12 +37,18 @@ class EvaluationPlan:
     #: Folder that relative paths fall back to when they do not exist in the working
     #: directory: the repository, so the shipped evaluation/prompts/*.json work from any -d.
     bundled_root: str | None = None
+    #: PathFLIP runs (pathflip/{run}) -> the image encoder they train on; slide-level evaluation
+    #: evaluates each as model ``pathflip-{run}``, with the MR-PLIP runs as its baselines.
+    pathflip_runs: dict[str, str] = field(default_factory=dict)
+    #: Slide table (its label columns are the slide-level tasks).
+    slide_table: str | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], slide_ids: Sequence[str] = (), *,
                     run_encoders: Mapping[str, str] | None = None, layout: Layout | None = None,
                     bundled_root: str | None = None,
-                    slide_files: Callable[..., list[str]] | None = None) -> EvaluationPlan:
+                    slide_files: Callable[..., list[str]] | None = None,
+                    pathflip_runs: Mapping[str, str] | None = None) -> EvaluationPlan:
         """The plan of a (validated) workflow config.
 
         ``run_encoders``: every pretraining run of the config and the image encoder it trains
@@ -57,10 +66,11 @@ class EvaluationPlan:
             known = {r: known[r] if r in known else _trained_encoder(layout, r, list(known)) for r in settings.runs}
         baselines = (list(settings.baselines) if settings.baselines is not None
                      else [str(features["image_encoder"])])
-        clash = sorted({r for r in known if r.startswith(BASELINE_PREFIX) or r in ("features",)})
+        clash = sorted({r for r in known if r.startswith((BASELINE_PREFIX, PATHFLIP_PREFIX)) or r in ("features",)})
         if clash:
-            raise ValueError(f"pretrain run names {clash} are reserved by evaluation (frozen-*, features)")
-        return cls(settings, known, baselines, list(slide_ids), layout, slide_files, bundled_root=bundled_root)
+            raise ValueError(f"pretrain run names {clash} are reserved by evaluation (frozen-*, pathflip-*, features)")
+        return cls(settings, known, baselines, list(slide_ids), layout, slide_files, bundled_root=bundled_root,
+                   pathflip_runs=dict(pathflip_runs or {}), slide_table=config.get("slides"))
 
     @property
     def runs(self) -> list[str]:
@@ -91,13 +101,39 @@ class EvaluationPlan:
         bundled = os.path.join(self.bundled_root, given)
         return bundled if os.path.exists(bundled) else given
 
+    @property
+    def slide_models(self) -> list[str]:
+        """Models of slide-level evaluation: every PathFLIP run, then the MR-PLIP runs (baselines)."""
+        if not self.settings.slides.enabled or not self.pathflip_runs:
+            return []
+        return [PATHFLIP_PREFIX + r for r in self.pathflip_runs] + self.runs
+
     # -- files ---------------------------------------------------------------------------------
     def metrics_files(self) -> list[str]:
         """Every metrics.json the stage target needs."""
         out = [str(self.layout.eval_metrics(m, d)) for m in self.models for d in self.datasets]
         if self.settings.retrieval.enabled:
             out += [str(self.layout.eval_metrics(r, RETRIEVAL)) for r in self.runs]
+        out += [str(self.layout.eval_metrics(m, SLIDES)) for m in self.slide_models]
         return out
+
+    def slide_eval_inputs(self, model: str) -> dict[str, list[str] | str]:
+        """A slide-level job's inputs: the model's export, the slide table, the captions table,
+        image features of every slide (the model's encoder) and the PathFLIP run's slide split."""
+        if model.startswith(PATHFLIP_PREFIX):
+            run = model[len(PATHFLIP_PREFIX):]
+            export, encoder = str(self.layout.pathflip_model(run)), self.pathflip_runs[run]
+        else:
+            export, encoder = self.model_export(model), self.run_encoders[model]
+        inputs: dict[str, list[str] | str] = {
+            "model": export,
+            "captions": str(self.layout.slide_captions),
+            "features": self.cohort_files("image_features", encoder=encoder),
+            "split": [str(self.layout.pathflip_model(r)) for r in self.pathflip_runs],
+        }
+        if self.slide_table:
+            inputs["table"] = self.slide_table
+        return inputs
 
     def model_export(self, run: str) -> str:
         return str(self.layout.model(run))

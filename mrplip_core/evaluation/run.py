@@ -34,6 +34,7 @@ from mrplip_core.evaluation.settings import DatasetSpec, EvaluationSettings
 from mrplip_core.evaluation.tile_features import read_tile_features, tile_features_encoder
 from mrplip_core.evaluation.zeroshot import class_embeddings, zero_shot_predict
 from mrplip_core.io.atomic import write_text
+from mrplip_core.evaluation.slides import SLIDES, slide_summary_rows
 from mrplip_core.layout import TEMPLATES
 
 log = logging.getLogger(__name__)
@@ -187,12 +188,14 @@ def _json_default(o: Any) -> Any:
 # -- summary ------------------------------------------------------------------------------
 
 SUMMARY_COLUMNS = ["model", "dataset", "task", "status", "weighted_f1", "weighted_f1_std", "balanced_accuracy",
-                   "accuracy", "recall", "n_test", "protocol", "note"]
+                   "accuracy", "recall", "n_test", "protocol", "note", "macro_auc"]
 
 
 def summary_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """Flat rows of one metrics.json (one per task; retrieval: one per direction and K)."""
     base = {"model": metrics.get("model"), "dataset": metrics.get("dataset")}
+    if metrics.get("dataset") == SLIDES:
+        return slide_summary_rows(metrics)
     if metrics.get("dataset") == "retrieval":
         if metrics.get("status") != "ok":
             return [{**base, "task": "retrieval", "status": metrics.get("status"), "note": metrics.get("reason", "")}]

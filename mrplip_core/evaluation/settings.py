@@ -107,6 +107,25 @@ class RetrievalSettings:
 
 
 @dataclass(frozen=True)
+class SlideEvalSettings:
+    """Slide-level evaluation (mrplip_core/evaluation/slides.py) of the PathFLIP run and the
+    MR-PLIP runs over the pipeline's slides."""
+
+    enabled: bool = True
+    # label column of the slide table -> a prompt file (the tile prompt format) or null: the
+    # label values themselves in the templates "{name}." and "an H&E slide of {name}."
+    labels: Mapping[str, str | None] = field(default_factory=dict)
+    magnification: float = 20.0  # MR-PLIP baseline: the patches (x) it embeds per slide
+    topk: int = 10  # MR-PLIP baseline: MI-Zero top-k pooling of patch-to-prompt similarity
+    ks: tuple[int, ...] = (1, 5, 10)  # caption <-> slide recall@K
+
+    def __post_init__(self) -> None:
+        if self.magnification <= 0 or self.topk < 1 or not self.ks or min(self.ks) < 1:
+            raise ValueError("evaluation.slides: magnification > 0, topk >= 1 and ks >= 1")
+        object.__setattr__(self, "labels", {str(k): (None if v is None else str(v)) for k, v in dict(self.labels or {}).items()})
+
+
+@dataclass(frozen=True)
 class EmbeddingSettings:
     """How tiles run through the frozen image encoder (results/eval/features/)."""
 
@@ -138,6 +157,7 @@ class EvaluationSettings:
     linear_probe: LinearProbeSettings = field(default_factory=LinearProbeSettings)
     few_shot: FewShotSettings = field(default_factory=FewShotSettings)
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
+    slides: SlideEvalSettings = field(default_factory=SlideEvalSettings)
     embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
     threads: int = 2  # cores per evaluation job
@@ -154,6 +174,7 @@ class EvaluationSettings:
             "linear_probe": LinearProbeSettings,
             "few_shot": FewShotSettings,
             "retrieval": RetrievalSettings,
+            "slides": SlideEvalSettings,
             "embedding": EmbeddingSettings,
             "report": ReportSettings,
         }

@@ -53,15 +53,55 @@ def _cmd_subcaptions(a: argparse.Namespace) -> int:
     if unknown:
         print(f"mrplip subcaptions: slide(s) {unknown} are not in {layout.slide_captions}", file=sys.stderr)
         return 2
+    captions: dict[str, str] = {}
+    tables: dict[str, pd.DataFrame] = {}
     for sid in a.slide_ids:
         caption = table.at[sid, "caption"] if table.at[sid, "status"] == "ok" else None
-        df = subcaption_table(sid, caption if isinstance(caption, str) else None, split_clauses=s.split_clauses,
-                              min_words=s.min_words)
+        if isinstance(caption, str) and s.method == "llm":
+            captions[sid] = caption
+        else:
+            tables[sid] = subcaption_table(sid, caption if isinstance(caption, str) else None,
+                                           split_clauses=s.split_clauses, min_words=s.min_words)
+    failed = ""
+    if captions:
+        failed = _llm_split(s, captions, tables, a.log_dir)
+    for sid in a.slide_ids:
+        if sid not in tables:
+            continue
+        df = tables[sid]
         write_parquet(df, layout.subcaptions(sid))
-        print(f"{sid}: {len(df)} sub-captions" if len(df) else f"{sid}: none ({table.at[sid, 'status']})")
+        if df.empty:
+            print(f"{sid}: none ({table.at[sid, 'status']})")
+        else:
+            method = df["method"].iloc[0]
+            reason = f": {df['fallback_reason'].iloc[0]}" if method == "rules-fallback" else ""
+            print(f"{sid}: {len(df)} sub-captions ({method}{reason})")
+    if failed:
+        print(f"mrplip subcaptions: {failed}", file=sys.stderr)
+        return 1
     if a.done:  # a shard job (slides_per_job > 1): its marker, once every slide is done
         write_shard_marker(a.done, "subcaptions", a.slide_ids)
     return 0
+
+
+def _llm_split(s, captions: dict[str, str], tables: dict, log_dir: str | None) -> str:  # s: SubcaptionSettings
+    """Split ``captions`` with the language model into ``tables``; returns what failed ("" if nothing)."""
+    import logging
+
+    from mrplip_core.pathflip.llm_split import LLMRequestError, LLMSplitter
+    from mrplip_core.serving.client import ServerGone
+    from mrplip_core.serving.server import ServerError
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        with LLMSplitter(s, log_dir=log_dir) as splitter:
+            tables.update(splitter.split(captions))
+    except LLMRequestError as exc:
+        tables.update(exc.tables)
+        return f"no answer from the server for: {exc}"
+    except (ServerGone, ServerError, OSError, ValueError) as exc:
+        return f"slide(s) {sorted(captions)} not split: {type(exc).__name__}: {exc}"
+    return ""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -77,5 +117,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("slide_ids", nargs="+", metavar="SLIDE_ID")
     s.add_argument("--results", default="results", help="the workflow's results folder")
     s.add_argument("--settings", default="", help=settings_help)
+    s.add_argument("--log-dir", default=None, help="folder for the vLLM server log (method llm, managed server)")
     s.add_argument("--done", default=None, help="write this shard marker once every slide is done (rules)")
     s.set_defaults(func=_cmd_subcaptions)

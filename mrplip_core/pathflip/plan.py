@@ -34,9 +34,27 @@ class SubcaptionsPlan(JobUnit):
 
     @property
     def subcaptions_trigger(self) -> str:
-        """What changes a sub-caption: the splitter's settings, not the job unit."""
+        """What changes a sub-caption: the splitter's settings, not the job unit; with ``method:
+        llm`` also the model, prompt, schema and generation settings and the endpoint (not the
+        server command, concurrency, timeouts or the job's resources)."""
         s = self.settings.subcaptions
-        return json.dumps({"method": s.method, "split_clauses": s.split_clauses, "min_words": s.min_words})
+        trigger: dict[str, Any] = {"method": s.method, "split_clauses": s.split_clauses, "min_words": s.min_words}
+        if s.method == "llm":
+            m = s.llm
+            trigger["llm"] = {"model": m.model, "prompt": m.prompt, "structured_output": m.structured_output,
+                              "max_findings": m.max_findings, "max_finding_chars": m.max_finding_chars,
+                              "max_tokens": m.max_tokens, "temperature": m.temperature,
+                              "base_url": m.openai.base_url, "model_name": m.openai.model_name}
+        return json.dumps(trigger)
+
+    @property
+    def subcaptions_resources(self) -> dict[str, int]:
+        """Resources of a sub-captions job: small for the rules; with ``method: llm`` the
+        ``llm`` section's memory, run time (minutes) and GPUs (a server runs inside the job)."""
+        s = self.settings.subcaptions
+        if s.method != "llm":
+            return {"mem_mb": 2000, "runtime": 10, "gpu": 0}
+        return {"mem_mb": s.llm.mem_mb, "runtime": s.llm.runtime, "gpu": s.job_gpus}
 
     @property
     def slides_per_job(self) -> int:

@@ -15,9 +15,10 @@ deterministic and needs no model:
 3. Pieces are trimmed of white space; a piece of fewer than ``min_words`` words (a lone
    heading such as ``Diagnosis:``) is joined to the next one (or the previous, at the end).
 
-Every piece is an exact span of the caption: ``caption[start:end] == text``. It is the only
-method so far (``pathflip.subcaptions.method: rules``); an LLM splitter is planned, with this
-one as its fallback for a slide whose model output is invalid.
+Every piece is an exact span of the caption: ``caption[start:end] == text``. This is
+``pathflip.subcaptions.method: rules``; the LLM splitter (``method: llm``,
+:mod:`~mrplip_core.pathflip.llm_split`) falls back to it for a slide whose model answer is
+invalid, and records that (``method`` ``rules-fallback`` and the ``fallback_reason``).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class Piece:
     end: int
 
 
-def _words(text: str) -> int:
+def count_words(text: str) -> int:
+    """Words of ``text`` as the splitter counts them (runs starting with a letter or digit)."""
     return len(_WORD.findall(text))
 
 
@@ -100,7 +102,7 @@ def clauses(caption: str, sentence: Piece, min_clause_words: int = 4) -> list[Pi
         left = caption[cuts[-1]:m.start()]
         right = caption[m.end():sentence.end]
         semicolon = caption[m.start()] == ";"
-        if _words(left) >= min_clause_words and _words(right) >= min_clause_words and (
+        if count_words(left) >= min_clause_words and count_words(right) >= min_clause_words and (
                 semicolon or (_FINDING.search(left) and _FINDING.search(right))):
             cuts.append(m.end())
     bounds = cuts + [sentence.end]
@@ -125,7 +127,7 @@ def _join_short(caption: str, pieces: list[Piece], min_words: int) -> list[Piece
         if pending is not None:
             p = Piece(caption[pending.start:p.end], pending.start, p.end)
             pending = None
-        if _words(p.text) < min_words:
+        if count_words(p.text) < min_words:
             pending = p
         else:
             out.append(p)
@@ -133,7 +135,7 @@ def _join_short(caption: str, pieces: list[Piece], min_words: int) -> list[Piece
         if out:
             last = out.pop()
             out.append(Piece(caption[last.start:pending.end], last.start, pending.end))
-        elif _words(pending.text) >= 1:
+        elif count_words(pending.text) >= 1:
             out.append(pending)
     return out
 
@@ -148,20 +150,32 @@ def split_caption(caption: str, *, split_clauses: bool = True, min_words: int = 
     return _join_short(caption, pieces, min_words)
 
 
-#: Columns of ``results/subcaptions/{slide}.parquet``.
-COLUMNS = ["slide_id", "subcaption_id", "text", "start", "end", "method"]
+#: Columns of ``results/subcaptions/{slide}.parquet``: ``start``/``end`` are character offsets
+#: into the caption (null for an LLM finding that is not a verbatim span of it); ``method`` is
+#: ``rules``, ``llm`` or ``rules-fallback`` (the rules, because the model's answer for this slide
+#: was invalid: ``fallback_reason`` says how; null otherwise).
+COLUMNS = ["slide_id", "subcaption_id", "text", "start", "end", "method", "fallback_reason"]
+DTYPES = {"slide_id": "string", "subcaption_id": "string", "text": "string", "start": "Int64", "end": "Int64",
+          "method": "string", "fallback_reason": "string"}
 
 
-def subcaption_table(slide_id: str, caption: str | None, *, split_clauses: bool = True,
-                     min_words: int = 2) -> pd.DataFrame:
-    """The sub-captions of one slide as a table (no rows when the slide has no usable caption:
-    ``results/slide_captions.parquet`` says why). ``start``/``end``: character offsets into the
-    caption; ``subcaption_id`` is ``{slide}_sc{i:03d}``, stable while the caption and settings are."""
-    pieces = split_caption(caption, split_clauses=split_clauses, min_words=min_words) if caption else []
+def rows_table(slide_id: str, rows: list[tuple[str, int | None, int | None]], method: str,
+               fallback_reason: str | None = None) -> pd.DataFrame:
+    """One slide's sub-captions ``(text, start, end)`` as a table of :data:`COLUMNS`;
+    ``subcaption_id`` is ``{slide}_sc{i:03d}``, stable while the caption and settings are."""
     df = pd.DataFrame(
-        [{"slide_id": slide_id, "subcaption_id": f"{slide_id}_sc{i:03d}", "text": p.text, "start": p.start,
-          "end": p.end, "method": "rules"} for i, p in enumerate(pieces)],
+        [{"slide_id": slide_id, "subcaption_id": f"{slide_id}_sc{i:03d}", "text": text, "start": start, "end": end,
+          "method": method, "fallback_reason": fallback_reason} for i, (text, start, end) in enumerate(rows)],
         columns=COLUMNS,
     )
-    return df.astype({"slide_id": "string", "subcaption_id": "string", "text": "string", "start": "int64",
-                      "end": "int64", "method": "string"})
+    return df.astype(DTYPES)
+
+
+def subcaption_table(slide_id: str, caption: str | None, *, split_clauses: bool = True, min_words: int = 2,
+                     fallback_reason: str | None = None) -> pd.DataFrame:
+    """The rule-based sub-captions of one slide as a table (no rows when the slide has no usable
+    caption: ``results/slide_captions.parquet`` says why). With ``fallback_reason`` the rows are
+    the LLM splitter's fallback (``method`` ``rules-fallback``)."""
+    pieces = split_caption(caption, split_clauses=split_clauses, min_words=min_words) if caption else []
+    method = "rules" if fallback_reason is None else "rules-fallback"
+    return rows_table(slide_id, [(p.text, p.start, p.end) for p in pieces], method, fallback_reason)

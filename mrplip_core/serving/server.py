@@ -1,9 +1,9 @@
-"""Start an OpenAI-compatible server (vLLM) for the duration of a captions job, and stop it.
+"""Start an OpenAI-compatible server (vLLM) for the duration of a job, and stop it.
 
 :class:`ManagedServer` runs the configured command in its own process group, waits until
 ``GET /health`` answers 200 (or the start-up timeout passes, or the process exits), and on
 leaving the ``with`` block, whatever happened, sends SIGTERM to the whole group and then
-SIGKILL after a grace period. On Linux the server also gets SIGTERM if the captions process
+SIGKILL after a grace period. On Linux the server also gets SIGTERM if the job's process
 itself dies (``PR_SET_PDEATHSIG``), so a killed job does not leave a GPU server behind.
 """
 
@@ -79,6 +79,8 @@ class ManagedServer:
     env: extra environment variables.
     startup_timeout_s: how long to wait for ``/health``.
     log_path: the server's stdout and stderr (default: a file in the working directory).
+    where: the config section of the server's settings, named in error messages
+        (e.g. ``captions.openai.server``).
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class ManagedServer:
         env: dict[str, str] | None = None,
         startup_timeout_s: float = 1200.0,
         log_path: str | os.PathLike[str] | None = None,
+        where: str = "server",
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
@@ -100,6 +103,7 @@ class ManagedServer:
         self.log_path = Path(log_path or f"vllm-server-{self.port}.log")
         self.proc: subprocess.Popen[bytes] | None = None
         self.startup_s: float | None = None
+        self.where = where
 
     @property
     def base(self) -> str:
@@ -121,7 +125,7 @@ class ManagedServer:
                     env=self.env, start_new_session=True, preexec_fn=_die_with_parent,
                 )
             except OSError as exc:
-                raise ServerError(f"cannot run {self.argv[0]!r}: {exc} (captions.openai.server.command)") from exc
+                raise ServerError(f"cannot run {self.argv[0]!r}: {exc} ({self.where}.command)") from exc
         try:
             while True:
                 if self.proc.poll() is not None:
@@ -130,7 +134,7 @@ class ManagedServer:
                     break
                 if time.monotonic() - t0 > self.startup_timeout_s:
                     raise ServerError(f"server not healthy after {self.startup_timeout_s:.0f} s "
-                                      f"(captions.openai.server.startup_timeout_s)\n{self.log_tail()}")
+                                      f"({self.where}.startup_timeout_s)\n{self.log_tail()}")
                 time.sleep(0.5)
         except BaseException:
             self.stop()
