@@ -98,7 +98,10 @@ def test_report_has_every_section_and_every_image_exists(results: Path) -> None:
     html = page.read_text()
     for anchor, _, _ in SECTIONS:
         assert f'<section id="{anchor}">' in html
-    assert 'class="error"' not in html and 'class="missing"' not in html
+    assert 'class="error"' not in html
+    before, pathflip_section = html.split('<section id="pathflip">')
+    assert 'class="missing"' not in before  # this fixture has no PathFLIP run: test_report_pathflip.py
+    assert "no finished PathFLIP run" in pathflip_section
     srcs = images_of(html)
     assert all((page.parent / s).is_file() and not Path(s).is_absolute() for s in srcs)
     assert sum(s.startswith("img/qc_") for s in srcs) == len(SLIDES)

@@ -176,6 +176,8 @@ class EvaluationPlan:
             "captions": self.cohort_files("captions"),
             "keywords": self.cohort_files("keywords"),
             "runs": [self.model_export(run) for run in self.runs],
+            "pathflip": [str(self.layout.pathflip_model(r)) for r in self.pathflip_runs],
+            "subcaptions": self.cohort_files("subcaptions") if self.pathflip_runs else [],
         }
 
     def cohort_files(self, name: str, **fixed: str) -> list[str]:

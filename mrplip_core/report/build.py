@@ -21,7 +21,7 @@ from mrplip_core.evaluation.settings import DatasetSpec, ReportSettings
 from mrplip_core.io.atomic import write_text
 from mrplip_core.layout import TEMPLATES
 from mrplip_core.report import evaluation as ev
-from mrplip_core.report import sections
+from mrplip_core.report import pathflip, sections
 from mrplip_core.report.context import ReportContext
 from mrplip_core.report.html import esc, page, section
 
@@ -34,6 +34,7 @@ SECTIONS: list[tuple[str, str, Callable[[ReportContext], str]]] = [
     ("bags", "Bags & captions", sections.bags),
     ("pretrain", "Pretraining", sections.pretraining),
     ("evaluation", "Evaluation", ev.evaluation),
+    (pathflip.ANCHOR, "PathFLIP", pathflip.pathflip),
     ("published", "Published figures", ev.published),
 ]
 

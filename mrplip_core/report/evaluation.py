@@ -10,6 +10,7 @@ from typing import Any
 from PIL import Image
 
 from mrplip_core.evaluation.plots import CONFUSION_DPI
+from mrplip_core.evaluation.plan import SLIDES
 from mrplip_core.evaluation.run import collect_metrics
 from mrplip_core.evaluation.settings import BASELINE_PREFIX
 from mrplip_core.report.context import ReportContext
@@ -110,7 +111,7 @@ def evaluation(ctx: ReportContext) -> str:
         return section(anchor, title, missing(f"No results in <code>{esc(ctx.eval_dir)}</code> yet: run "
                                               "<code>snakemake evaluate</code> (needs evaluation.datasets in the config)."))
     order = {s.name: i for i, s in enumerate(ctx.datasets)}
-    tile = [m for m in metrics if m.get("dataset") != RETRIEVAL and (not order or m.get("dataset") in order)]
+    tile = [m for m in metrics if m.get("dataset") not in (RETRIEVAL, SLIDES) and (not order or m.get("dataset") in order)]
     datasets = sorted({m["dataset"] for m in tile}, key=lambda d: (order.get(d, 99), d))
     models = model_order(metrics, ctx.runs, ctx.baselines)
     by = {(m["model"], m["dataset"]): m for m in metrics}

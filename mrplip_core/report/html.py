@@ -42,6 +42,9 @@ figure img { display:block; border:1px solid var(--line); background:#fff; }
 figcaption { font-size:12px; color:var(--muted); max-width:100%; margin-top:3px; }
 .bag { display:flex; gap:10px; align-items:flex-start; margin:10px 0 20px; overflow-x:auto; }
 .bag figure { flex:0 0 auto; }
+.pf-row { display:flex; flex-wrap:wrap; gap:10px; align-items:flex-start; border-top:1px solid var(--line); padding:8px 0; }
+.pf-row > p { flex:0 0 100%; margin:0; }
+.muted { color:var(--muted); font-size:12px; }
 .bag figcaption { font-size:11.5px; color:var(--fg); line-height:1.35; }
 .bag figcaption b { color:var(--accent); }
 .kw { font-size:12.5px; color:var(--muted); margin:-6px 0 4px; }
