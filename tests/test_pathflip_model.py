@@ -283,3 +283,30 @@ def test_the_rest_trains_while_bad_slides_are_left_out(tmp_path):
     model = load_pathflip(tmp_path / "run")
     assert model.magnifications == (5.0, 20.0)
     assert model.model.patch_in.magnification is not None  # the magnification embedding is on
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_two_gloo_processes_train_like_one(tmp_path):
+    """2 ranks x 2 slides equal 1 rank x 4 slides: the same slides and draws per step, L_slide
+    and L_region gathered across ranks with gradient, so the curves agree to float precision."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    results = write_pathflip_corpus(tmp_path / "results", n_slides=8)
+    base = tiny_pathflip_settings(results, train={"steps": 4}, data={"val_fraction": 0.0})
+    two = {**base, "data": {**base["data"], "batch_size": 2}}
+    one = {**base, "data": {**base["data"], "batch_size": 4}}
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "mrplip_core", "pathflip", "--settings", json.dumps({"pathflip": two}),
+                             "--run-dir", str(tmp_path / "ddp")], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    train_pathflip(PathflipTrainConfig.from_dict(one), tmp_path / "single")
+    log, _ = proc.communicate(timeout=280)
+    assert proc.returncode == 0, log[-4000:]
+    ddp, single = pd.read_csv(tmp_path / "ddp" / "metrics.csv"), pd.read_csv(tmp_path / "single" / "metrics.csv")
+    for key in ("slide", "region", "loss"):
+        np.testing.assert_allclose(ddp[key].to_numpy(), single[key].to_numpy(), rtol=1e-4, err_msg=key)
