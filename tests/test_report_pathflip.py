@@ -56,6 +56,6 @@ def test_the_pathflip_section_shows_sub_captions_heatmaps_and_slide_metrics(tmp_
     if chromium is None:
         pytest.skip("no chromium: the page was checked as HTML only")
     shot = tmp_path / "shot.png"
-    subprocess.run([str(REPO / "scripts" / "report-screenshot"), str(page), str(shot), "1200"], check=True,
+    subprocess.run([str(REPO / "scripts" / "report-screenshot"), str(page), str(shot), "1200", "pathflip"], check=True,
                    env={"CHROMIUM": chromium, "PATH": "/usr/bin:/bin"}, timeout=120)
     assert shot.stat().st_size > 10_000
