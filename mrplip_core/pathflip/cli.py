@@ -1,4 +1,6 @@
-"""``mrplip`` verbs of the PathFLIP stages: ``slide-captions``, ``subcaptions``."""
+"""``mrplip`` verbs of the PathFLIP stages: ``slide-captions``, ``subcaptions``; and
+``planted-cohort``, the synthetic cohort with known regions that PathFLIP's localisation is
+measured on."""
 
 from __future__ import annotations
 
@@ -104,6 +106,21 @@ def _llm_split(s, captions: dict[str, str], tables: dict, log_dir: str | None) -
     return ""
 
 
+def _cmd_planted_cohort(a: argparse.Namespace) -> int:
+    import time
+
+    from mrplip_core.pathflip.planted import CohortFiles, write_planted_cohort
+
+    t0 = time.perf_counter()
+    truth = write_planted_cohort(a.out, a.slides, a.seed, size_mm=a.size_mm, mpp=a.mpp)
+    files = CohortFiles(a.out)
+    kinds = truth.groupby("slide_id")["kind"].count()
+    print(f"{len(kinds)} slides ({a.size_mm} mm at {a.mpp} um/px), {len(truth)} kind sentences "
+          f"({truth['kind'].value_counts().to_dict()}) -> {files.table}, {files.truth}, {files.config} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the PathFLIP verbs to the ``mrplip`` command's subparsers."""
     settings_help = "JSON of the config sections the stage uses: {\"pathflip\": {...}}"
@@ -120,3 +137,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--log-dir", default=None, help="folder for the vLLM server log (method llm, managed server)")
     s.add_argument("--done", default=None, help="write this shard marker once every slide is done (rules)")
     s.set_defaults(func=_cmd_subcaptions)
+
+    s = sub.add_parser("planted-cohort", help="write a synthetic cohort whose captions' regions are known "
+                                              "(slides, slide table, region GeoJSON, truth table, config)")
+    s.add_argument("--out", required=True, help="folder to write (a workflow working directory)")
+    s.add_argument("--slides", type=int, required=True, help="number of slides")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size-mm", type=float, default=4.1, help="side of each square slide, mm (4.1: 4 x 4 parent "
+                                                               "boxes of 1.024 mm)")
+    s.add_argument("--mpp", type=float, default=0.5, help="um/px at level 0 (0.5 = 20x)")
+    s.set_defaults(func=_cmd_planted_cohort)
