@@ -154,3 +154,32 @@ def test_a_run_refuses_encoder_weights_other_than_its_features(tmp_path: Path) -
     check_weights_match(folder, "a" * 64, "uni")
     with pytest.raises(ValueError, match="set features.weights.uni"):
         check_weights_match(folder, "b" * 64, "uni")
+
+
+def test_a_prompt_file_with_more_classes_than_the_tiles(workspace, shared_data: Path, tmp_path: Path) -> None:
+    """As a new user would: NCT-CRC tiles without BACK (8 classes) and the shipped nine-class
+    nct_crc.json. Zero-shot chooses among the 8 labels and names BACK as unused; the probe rows
+    are there. Prompts lacking a label of the tiles are an error of zero-shot alone, naming it."""
+    results, settings = workspace
+    source = shared_data / "tiles" / "nct_crc_he_100k_samples"
+    rows = pd.read_csv(source / "labels.csv")
+    rows = rows[rows["label"] != "BACK"]
+    table = tmp_path / "no_back.csv"
+    rows.assign(path=[str(source / p) for p in rows["path"]]).to_csv(table, index=False)
+    prompts = json.loads((REPO / "evaluation" / "prompts" / "nct_crc.json").read_text())
+    (tmp_path / "no_tum.json").write_text(json.dumps({**prompts, "classes": {k: v for k, v in prompts["classes"].items()
+                                                                              if k != "TUM"}}))
+    evaluation = json.loads(settings)["evaluation"]
+    for name, prompt_file in (("no_back", REPO / "evaluation" / "prompts" / "nct_crc.json"),
+                              ("no_tum", tmp_path / "no_tum.json")):
+        evaluation["datasets"] = {name: {"path": str(table), "mpp": 0.5, "prompts": str(prompt_file)}}
+        args = json.dumps({"evaluation": evaluation, "features": {"device": "cpu"}})
+        assert main(["evaluate", "--model", "untrained", "--dataset", name, "--results", str(results),
+                     "--settings", args, "--threads", "1"]) == 0
+    ok, _ = load(results, "untrained", "no_back")
+    assert ok["zero_shot"]["status"] == "ok" and ok["zero_shot"]["unused_prompt_classes"] == ["BACK"]
+    assert len(ok["zero_shot"]["per_class"]) == 8 and "BACK" in ok["zero_shot"]["protocol_note"]
+    assert ok["linear_probe"]["status"] in ("ok", "n/a") and "few_shot" in ok
+    bad, _ = load(results, "untrained", "no_tum")
+    assert bad["zero_shot"]["status"] == "error" and "['TUM']" in bad["zero_shot"]["reason"]
+    assert bad["linear_probe"] == ok["linear_probe"]  # the probe does not depend on the prompts

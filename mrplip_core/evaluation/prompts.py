@@ -67,15 +67,15 @@ class PromptSet:
             out[str(label)] = tuple(n.strip() for n in names)
         return cls(tuple(templates), out, source)
 
-    def check_labels(self, labels: Sequence[str]) -> None:
-        """Every dataset label must have names (extra prompt classes are an error too)."""
+    def check_labels(self, labels: Sequence[str]) -> list[str]:
+        """Every dataset label must have names; returns the prompt classes no label uses (a
+        prompt file written for a larger label set, e.g. NCT-CRC's nine classes on a tile set
+        without BACK: zero-shot then chooses among the dataset's own labels only)."""
         missing = sorted(set(labels) - set(self.classes))
-        extra = sorted(set(self.classes) - set(labels))
-        if missing or extra:
-            raise PromptError(
-                f"{self.source or 'prompt set'}: classes do not match the dataset's labels "
-                f"(no prompts for {missing}; prompts for unknown labels {extra})"
-            )
+        if missing:
+            raise PromptError(f"{self.source or 'prompt set'}: no prompts for the label(s) {missing} "
+                              f"(its classes: {sorted(self.classes)})")
+        return sorted(set(self.classes) - set(labels))
 
     def prompts(self, label: str) -> list[str]:
         """Every synonym of ``label`` in every template (synonym-major order)."""

@@ -28,7 +28,7 @@ from mrplip_core.evaluation.embedders import FeatureEmbedder, ImageTextEmbedder
 from mrplip_core.evaluation.metrics import classification_metrics
 from mrplip_core.evaluation.plots import confusion_png
 from mrplip_core.evaluation.probe import few_shot, linear_probe
-from mrplip_core.evaluation.prompts import PromptSet
+from mrplip_core.evaluation.prompts import PromptError, PromptSet
 from mrplip_core.evaluation.retrieval import evaluate_retrieval
 from mrplip_core.evaluation.settings import DatasetSpec, EvaluationSettings
 from mrplip_core.evaluation.tile_features import read_tile_features, tile_features_encoder
@@ -115,10 +115,17 @@ def _zero_shot(embedder: ImageTextEmbedder, emb: np.ndarray, y: np.ndarray, clas
         return {"status": "n/a", "reason": "no text side (a frozen image encoder cannot score class prompts)"}
     if prompts is None:
         return {"status": "n/a", "reason": "no prompt file configured for this dataset"}
-    pred = zero_shot_predict(emb, class_embeddings(embedder, prompts, classes))
+    try:  # a prompt problem is this task's error: the probes of the dataset still run
+        unused = prompts.check_labels(classes)
+        pred = zero_shot_predict(emb, class_embeddings(embedder, prompts, classes))
+    except PromptError as exc:
+        return {"status": "error", "reason": str(exc)}
+    extra = (f" Prompt classes without tiles here, not scored: {unused}." if unused else "")
     return {"status": "ok", "protocol_note": (f"prompt ensembles: {len(prompts.templates)} templates x class synonyms "
                                               f"({sum(prompts.n_prompts(c) for c in classes)} prompts) from {prompts.source}; "
-                                              "no training, every tile is a test tile."),
+                                              f"no training, every tile is a test tile; chosen among the dataset's "
+                                              f"{len(classes)} labels.{extra}"),
+            "unused_prompt_classes": unused,
             "n_prompts": {c: prompts.n_prompts(c) for c in classes},
             **classification_metrics(y, pred, classes), "predictions": pred.tolist()}
 
