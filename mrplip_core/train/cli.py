@@ -14,61 +14,34 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 
-def _cmd_pretrain(a: argparse.Namespace) -> int:
+def _train_verb(a: argparse.Namespace, section_name: str, load: Callable[..., Any], train: Callable[[], Callable]) -> int:
+    """One training verb: resolve the ``section_name`` section, print it or train (``train()``
+    returns the family's entry point, imported only when it runs)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mrplip_core.jobs import read_sections
-    from mrplip_core.train.config import load_config
 
     try:
-        section = read_sections(a.settings, "pretrain", verb="pretrain")["pretrain"] if a.settings else None
-        config = load_config(a.config, json.dumps(section) if section else None, a.set or [])
+        section = read_sections(a.settings, section_name, verb=section_name)[section_name] if a.settings else None
+        config = load(a.config, json.dumps(section) if section else None, a.set or [])
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"mrplip pretrain: invalid config: {exc}", file=sys.stderr)
+        print(f"mrplip {section_name}: invalid config: {exc}", file=sys.stderr)
         return 2
     if a.print_config:
         import yaml
 
-        print(yaml.safe_dump({"pretrain": config.to_dict()}, sort_keys=False))
+        print(yaml.safe_dump({section_name: config.to_dict()}, sort_keys=False))
         return 0
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", stream=sys.stderr)
-    from mrplip_core.train.trainer import pretrain
-
-    summary = pretrain(config, a.run_dir)
-    if rank == 0:
-        last = summary["history"][-1] if summary["history"] else {}
-        print(json.dumps({k: v for k, v in summary.items() if k != "history"} | {"last": last}, default=str))
-    return 0
-
-
-def _cmd_pathflip(a: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from mrplip_core.jobs import read_sections
-    from mrplip_core.train.pathflip_config import load_pathflip_config
-
     try:
-        section = read_sections(a.settings, "pathflip", verb="pathflip")["pathflip"] if a.settings else None
-        config = load_pathflip_config(a.config, json.dumps(section) if section else None, a.set or [])
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"mrplip pathflip: invalid config: {exc}", file=sys.stderr)
-        return 2
-    if a.print_config:
-        import yaml
-
-        print(yaml.safe_dump({"pathflip": config.to_dict()}, sort_keys=False))
-        return 0
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", stream=sys.stderr)
-    from mrplip_core.train.pathflip import train_pathflip
-
-    try:
-        summary = train_pathflip(config, a.run_dir)
-    except ValueError as exc:  # no usable slides, a config that cannot resume: one clear line
-        print(f"mrplip pathflip: {exc}", file=sys.stderr)
+        summary = train()(config, a.run_dir)
+    except ValueError as exc:  # no usable data, a config that cannot resume: one clear line
+        print(f"mrplip {section_name}: {exc}", file=sys.stderr)
         return 1
     if rank == 0:
         last = summary["history"][-1] if summary["history"] else {}
@@ -76,8 +49,30 @@ def _cmd_pathflip(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(a: argparse.Namespace) -> int:
+    from mrplip_core.train.config import load_config
+
+    def entry() -> Callable:
+        from mrplip_core.train.trainer import pretrain
+
+        return pretrain
+
+    return _train_verb(a, "pretrain", load_config, entry)
+
+
+def _cmd_pathflip(a: argparse.Namespace) -> int:
+    from mrplip_core.train.pathflip_config import load_pathflip_config
+
+    def entry() -> Callable:
+        from mrplip_core.train.pathflip import train_pathflip
+
+        return train_pathflip
+
+    return _train_verb(a, "pathflip", load_pathflip_config, entry)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``pretrain`` verb to the ``mrplip`` command's subparsers."""
+    """Add the ``pretrain`` and ``pathflip`` verbs to the ``mrplip`` command's subparsers."""
     s = sub.add_parser("pretrain", help="MR-PLIP pretraining over feature files (run under torchrun for DDP)")
     s.add_argument("--config", default=None, help="YAML file with a pretrain: section (e.g. config.yaml or a run's config.yaml)")
     s.add_argument("--settings", default=None, help="JSON of the config sections the stage uses: {\"pretrain\": {...}} (the Snakemake rule passes "

@@ -101,8 +101,29 @@ class ResourceSettings:
     runtime: int = 120  # minutes
 
 
+class RunConfig:
+    """What the training loop needs of a resolved run config besides its sections: the plain
+    dict (saved with checkpoints), a flat view for resume checks and a fingerprint."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    def digest(self, ignore: Sequence[str] = ()) -> dict[str, Any]:
+        """Flat ``{dotted.key: value}`` view, minus ``ignore`` prefixes (resume checks)."""
+        flat = _flatten(self.to_dict())
+        return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in ignore)}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def changed_keys(self, saved: RunConfig, resumable: Sequence[str]) -> list[str]:
+        """Keys (dotted) whose value differs from ``saved``, other than the ``resumable`` ones."""
+        old, new = saved.digest(resumable), self.digest(resumable)
+        return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(RunConfig):
     """The resolved ``pretrain`` section."""
 
     run: str = "demo"  # run name: results/pretrain/{run}/
@@ -144,16 +165,6 @@ class PretrainConfig:
     def keyword_top_k(self) -> int:
         return int(self.model.keyword_top_k or self.loss["cvta"].get("k_o", 5))
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_plain(self)
-
-    def digest(self, ignore: Sequence[str] = ()) -> dict[str, Any]:
-        """Flat ``{dotted.key: value}`` view, minus ``ignore`` prefixes (resume checks)."""
-        flat = _flatten(self.to_dict())
-        return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in ignore)}
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 #: Keys that may change when a run is resumed (they do not change what is computed).

@@ -64,8 +64,9 @@ class Built:
 class TrainingFamily(ABC):
     """One model family's side of training (see the module docstring).
 
-    ``config`` must offer ``seed``, ``train`` (:class:`TrainSettings`), ``optim``
-    (:class:`OptimSettings`), ``to_dict()`` and ``fingerprint()``.
+    ``config`` is a :class:`mrplip_core.train.config.RunConfig` with ``seed``, ``train``
+    (:class:`TrainSettings`), ``optim`` (:class:`OptimSettings`) and ``data`` (``batch_size``,
+    ``num_workers``, ``prefetch_factor``).
     """
 
     name: str = "model"
@@ -84,14 +85,14 @@ class TrainingFamily(ABC):
         return self.config.optim
 
     @property
-    @abstractmethod
     def batch_size(self) -> int:
-        """Items per rank per micro-batch."""
+        """Items per rank per micro-batch (``config.data.batch_size``)."""
+        return int(self.config.data.batch_size)
 
     @property
     def loader_settings(self) -> tuple[int, int]:
-        """``(num_workers, prefetch_factor)`` of the training loader."""
-        return 0, 2
+        """``(num_workers, prefetch_factor)`` of the training loader (``config.data``)."""
+        return int(self.config.data.num_workers), int(self.config.data.prefetch_factor)
 
     @abstractmethod
     def prepare(self, run_dir: Path, info: DistInfo, resuming: bool) -> None:

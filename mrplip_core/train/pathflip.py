@@ -80,14 +80,6 @@ class PathFLIPFamily(TrainingFamily):
         self.index: pd.DataFrame | None = None
         self.tokenizer: Any = None
 
-    @property
-    def batch_size(self) -> int:
-        return self.config.data.batch_size
-
-    @property
-    def loader_settings(self) -> tuple[int, int]:
-        return self.config.data.num_workers, self.config.data.prefetch_factor
-
     def prepare(self, run_dir: Path, info: DistInfo, resuming: bool) -> None:
         """The run's slide table: made by rank 0 when the run starts, reused when it resumes."""
         path = run_dir / SLIDES_TABLE
@@ -140,9 +132,7 @@ class PathFLIPFamily(TrainingFamily):
         self.tokenizer.save_pretrained(str(run_dir / TOKENIZER))
 
     def check_resume(self, state: dict[str, Any], path: Path) -> None:
-        saved = PathflipTrainConfig.from_dict(state["config"])
-        old, new = saved.digest(RESUMABLE_CHANGES), self.config.digest(RESUMABLE_CHANGES)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        changed = self.config.changed_keys(PathflipTrainConfig.from_dict(state["config"]), RESUMABLE_CHANGES)
         if changed:
             raise ValueError(f"cannot resume {path}: the config changed in {changed}; use a new pathflip.run name "
                              "or pathflip.train.resume: never")

@@ -12,7 +12,6 @@ workflow/schemas/config.schema.yaml (``properties.pathflip``); the dataclasses m
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,13 +20,13 @@ from typing import Any
 
 import yaml
 
-from mrplip_core.config_mapping import from_mapping, to_plain
+from mrplip_core.config_mapping import from_mapping
 from mrplip_core.config_schema import check_section, section_schema
 from mrplip_core.encoders.catalog import DEFAULT_IMAGE_ENCODER
 from mrplip_core.losses.pathflip import PATHFLIP_LOSS_DEFAULTS, PATHFLIP_TERMS, PathFLIPLoss
 from mrplip_core.pathflip.settings import TRAINING_KEYS
 from mrplip_core.pathflip_model.settings import PathflipModelSettings
-from mrplip_core.train.config import OptimSettings, ResourceSettings, TrainSettings, _flatten, deep_merge
+from mrplip_core.train.config import OptimSettings, ResourceSettings, RunConfig, TrainSettings, deep_merge
 
 PATCH_SOURCES = ("features",)
 
@@ -64,7 +63,7 @@ class PathflipDataSettings:
 
 
 @dataclass(frozen=True)
-class PathflipTrainConfig:
+class PathflipTrainConfig(RunConfig):
     """The resolved training keys of the ``pathflip`` section."""
 
     run: str = "demo"  # results/pathflip/{run}/
@@ -95,15 +94,6 @@ class PathflipTrainConfig:
     def active_terms(self) -> set[str]:
         return {t for t in PATHFLIP_TERMS if float(self.loss["weights"][t]) > 0}
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_plain(self)
-
-    def digest(self, ignore: Sequence[str] = ()) -> dict[str, Any]:
-        flat = _flatten(self.to_dict())
-        return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in ignore)}
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 #: Keys that may change when a run is resumed (they do not change what is computed).

@@ -73,9 +73,7 @@ def _pair_keys(magnifications: tuple[float, ...]) -> list[str]:
 
 
 def _check_resume(config: PretrainConfig, state: dict[str, Any], path: Path) -> None:
-    saved = PretrainConfig.from_dict(upgrade_saved_config(state["config"]))
-    old, new = saved.digest(RESUMABLE_CHANGES), config.digest(RESUMABLE_CHANGES)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = config.changed_keys(PretrainConfig.from_dict(upgrade_saved_config(state["config"])), RESUMABLE_CHANGES)
     if changed:
         raise ValueError(
             f"cannot resume {path}: the config changed in {changed} (only {list(RESUMABLE_CHANGES)} may change); "
@@ -95,14 +93,6 @@ class MRPLIPFamily(TrainingFamily):
         super().__init__(config)
         self.index: pd.DataFrame | None = None
         self.parts: Components | None = None
-
-    @property
-    def batch_size(self) -> int:
-        return self.config.data.batch_size
-
-    @property
-    def loader_settings(self) -> tuple[int, int]:
-        return self.config.data.num_workers, self.config.data.prefetch_factor
 
     def prepare(self, run_dir: Path, info: DistInfo, resuming: bool) -> None:
         """The bag index of the run: built by rank 0 when the run starts, reused when it resumes
