@@ -86,7 +86,7 @@ def test_prompt_file_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(PromptError, match="without"):
         PromptSet.read(bad)
     ok = PromptSet.from_dict({"templates": ["{name}."], "classes": {"a": ["x"], "b": "y"}})
-    with pytest.raises(PromptError, match=r"no prompts for \['c'\]"):
+    with pytest.raises(PromptError, match=r"no prompts for the label\(s\) \[.c.\]"):
         ok.check_labels(["a", "b", "c"])
 
 
