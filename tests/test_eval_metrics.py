@@ -172,6 +172,20 @@ def test_plan_lists_models_inputs_and_skips_absent_optional_datasets(tmp_path: P
     assert old.encoder_of("old") == "uni2-h"
 
 
+def test_slide_level_job_waits_for_the_region_files_its_table_names(tmp_path: Path) -> None:
+    (tmp_path / "t").mkdir()
+    table = tmp_path / "t" / "slides.tsv"
+    table.write_text("slide_id\tpath\tregions\na\ta.svs\tann/a.geojson\nb\tb.svs\t\nc\tc.svs\t/abs/c.geojson\n")
+    config = {"features": {"image_encoder": "uni"}, "slides": str(table),
+              "evaluation": {"slides": {"regions": "regions", "region_prompts": "kinds.json"}}}
+    plan = EvaluationPlan.from_config(config, ["a", "b", "c"], run_encoders={"base": "uni"}, pathflip_runs={"p": "uni"})
+    inputs = plan.slide_eval_inputs("pathflip-p")
+    assert inputs["regions"] == [str(tmp_path / "t" / "ann" / "a.geojson"), "/abs/c.geojson"]
+    assert inputs["region_prompts"] == "kinds.json"
+    config["evaluation"]["slides"] = {}
+    assert EvaluationPlan.from_config(config, ["a"], pathflip_runs={"p": "uni"}).slide_eval_inputs("pathflip-p")["regions"] == []
+
+
 def test_tiny_or_unsplit_sets_are_na_with_the_reason_not_a_crash() -> None:
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(9), 2)

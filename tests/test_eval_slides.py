@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
 
 from mrplip_core.evaluation.run import write_summary
 from mrplip_core.evaluation.settings import EvaluationSettings
-from mrplip_core.evaluation.slides import evaluate_slides
+from mrplip_core.encoders.catalog import DEFAULT_IMAGE_ENCODER
+from mrplip_core.evaluation.slides import evaluate_slides, slide_summary_rows
 from mrplip_core.layout import Layout
-from mrplip_core.testing.pathflip_corpus import KINDS, tiny_pathflip_settings, write_pathflip_corpus
+from mrplip_core.testing.pathflip_corpus import KINDS, TRUTH_FILE, tiny_pathflip_settings, write_pathflip_corpus
 from mrplip_core.train.pathflip import train_pathflip
 from mrplip_core.train.pathflip_config import PathflipTrainConfig
 
@@ -73,3 +75,49 @@ def test_a_prompt_file_missing_a_label_costs_only_zero_shot(trained):
     tumour = evaluate_slides("pathflip-planted", results, root / "slides.tsv", settings)["labels"]["tumour"]
     assert tumour["zero_shot"]["status"] == "error" and "['absent']" in tumour["zero_shot"]["reason"]
     assert tumour["linear_probe"]["status"] == "ok"
+
+
+def _qupath_regions(results, slide: str) -> dict:
+    """The slide's planted regions as QuPath would export annotations: one MultiPolygon of patch
+    squares per kind (level-0 px), the kind as the annotation's classification."""
+    truth = pd.read_parquet(results / TRUTH_FILE)
+    truth = truth[truth["slide_id"] == slide]
+    with h5py.File(Layout(results).image_features(DEFAULT_IMAGE_ENCODER, slide), "r") as f:
+        coords, size = f["20x"]["coords"][()], int(f["20x"].attrs["size"])
+    features = []
+    for kind in truth["kind"].unique():
+        squares = [[[[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]]
+                   for (x, y), k in zip(coords.tolist(), truth["kind"]) if k == kind]
+        features.append({"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": squares},
+                         "properties": {"objectType": "annotation", "classification": {"name": kind}}})
+    return {"type": "FeatureCollection", "features": features}
+
+
+def test_localisation_from_a_geojson_column_of_the_slide_table(trained):
+    root, results = trained
+    table = pd.read_csv(root / "slides.tsv", sep="\t")
+    (root / "regions").mkdir(exist_ok=True)
+    for slide in table["slide_id"]:
+        (root / "regions" / f"{slide}.geojson").write_text(json.dumps(_qupath_regions(results, slide)))
+    table["annotation"] = [f"regions/{s}.geojson" for s in table["slide_id"]]
+    table.loc[0, "annotation"] = "regions/missing.geojson"  # a slide whose file is not there
+    table.loc[1, "annotation"] = None  # a slide without annotations
+    table.to_csv(root / "annotated.tsv", sep="\t", index=False)
+    prompts = {"templates": ["{name}"], "classes": {k: list(v) for k, v in KINDS.items()}}
+    (root / "kinds.json").write_text(json.dumps(prompts))
+    slides = {"labels": {}, "regions": "annotation", "region_prompts": str(root / "kinds.json")}
+    loc = evaluate_slides("pathflip-planted", results, root / "annotated.tsv",
+                          EvaluationSettings.from_dict({"slides": slides}))["localisation"]
+    assert loc["status"] == "ok" and loc["n_slides"] == 14
+    assert list(loc["failed"]) == [table.loc[0, "slide_id"]] and "missing.geojson" in loc["failed"][table.loc[0, "slide_id"]]
+    print("localisation from QuPath annotations:", {k: loc[k] for k in ("auroc", "pointing", "pointing_chance", "n")})
+    assert loc["auroc"] > 0.75 and loc["pointing"] > loc["pointing_chance"] + 0.2
+    by_name = evaluate_slides("pathflip-planted", results, root / "annotated.tsv",  # the kind's name as the query
+                              EvaluationSettings.from_dict({"slides": {"labels": {}, "regions": "annotation"}}))
+    assert by_name["localisation"]["status"] == "ok" and "its name" in by_name["localisation"]["protocol_note"]
+    rows = pd.DataFrame(slide_summary_rows(by_name))
+    row = rows[rows["task"] == "slide localisation"].iloc[0]
+    assert 0 <= row["auroc"] <= 1 and "missing.geojson" in row["note"] and "pointing" in row["protocol"]
+    none = evaluate_slides("pathflip-planted", results, root / "slides.tsv",
+                           EvaluationSettings.from_dict({"slides": {"labels": {}, "regions": "annotation"}}))
+    assert none["localisation"]["status"] == "n/a" and "no column 'annotation'" in none["localisation"]["reason"]

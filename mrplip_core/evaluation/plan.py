@@ -21,6 +21,12 @@ PATHFLIP_PREFIX = "pathflip-"  # slide-level model name of a PathFLIP run
 SLIDES = "slides"  # the dataset name of slide-level metrics: eval/{model}/slides/metrics.json
 
 
+def region_path(value: str, slide_table: str | os.PathLike) -> str:
+    """A slide table's region file entry as a path: absolute as given, relative to the table's folder."""
+    value = value.strip()
+    return value if os.path.isabs(value) else os.path.join(os.path.dirname(os.fspath(slide_table)), value)
+
+
 @dataclass
 class EvaluationPlan:
     """Models x datasets, retrieval per run, and where every input and output lives."""
@@ -133,7 +139,23 @@ class EvaluationPlan:
         }
         if self.slide_table:
             inputs["table"] = self.slide_table
+            inputs["regions"] = self.region_files()
+        if self.settings.slides.region_prompts:
+            inputs["region_prompts"] = self.settings.slides.region_prompts
         return inputs
+
+    def region_files(self) -> list[str]:
+        """The region GeoJSON files the slide table's ``evaluation.slides.regions`` column names
+        (relative paths: to the table's folder), so that a changed annotation reruns the job."""
+        column = self.settings.slides.regions
+        if not column or not self.slide_table:
+            return []
+        from mrplip_core.wsi.table import read_slide_table
+
+        table = read_slide_table(self.slide_table)
+        if column not in table.columns:
+            return []
+        return [region_path(v, self.slide_table) for v in table[column] if isinstance(v, str) and v.strip()]
 
     def model_export(self, run: str) -> str:
         return str(self.layout.model(run))

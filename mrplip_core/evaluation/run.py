@@ -195,7 +195,7 @@ def _json_default(o: Any) -> Any:
 # -- summary ------------------------------------------------------------------------------
 
 SUMMARY_COLUMNS = ["model", "dataset", "task", "status", "weighted_f1", "weighted_f1_std", "balanced_accuracy",
-                   "accuracy", "recall", "n_test", "protocol", "note", "macro_auc"]
+                   "accuracy", "recall", "n_test", "protocol", "note", "macro_auc", "auroc", "pointing"]
 
 
 def summary_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:

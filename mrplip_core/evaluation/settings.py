@@ -118,6 +118,12 @@ class SlideEvalSettings:
     magnification: float = 20.0  # MR-PLIP baseline: the patches (x) it embeds per slide
     topk: int = 10  # MR-PLIP baseline: MI-Zero top-k pooling of patch-to-prompt similarity
     ks: tuple[int, ...] = (1, 5, 10)  # caption <-> slide recall@K
+    # column of the slide table naming each slide's region GeoJSON (polygons in level-0 px with a
+    # `kind`, or QuPath annotations with a classification): localisation AUROC and pointing; null: none
+    regions: str | None = None
+    # prompt file (the tile format) whose class names are the region kinds: a kind's heatmap is the
+    # mean over its prompts; null: the kind's name itself is the query
+    region_prompts: str | None = None
 
     def __post_init__(self) -> None:
         if self.magnification <= 0 or self.topk < 1 or not self.ks or min(self.ks) < 1:

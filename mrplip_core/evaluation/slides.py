@@ -51,8 +51,10 @@ def group_name(magnification: float) -> str:
     return f"{magnification:g}x"
 
 
-def slide_patches(results: str | Path, encoder: str, slide: str, magnifications: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """All patch features of a slide at ``magnifications``: (N, D) float32 and (N,) magnification (x)."""
+def slide_patches(results: str | Path, encoder: str, slide: str, magnifications: Sequence[float],
+                  boxes: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All patch features of a slide at ``magnifications``: (N, D) float32 and (N,) magnification
+    (x); with ``boxes`` (a list), their level-0 px boxes (x, y, size) are appended to it."""
     path = Layout(results).image_features(encoder, slide)
     feats, mags = [], []
     with h5py.File(path, "r") as f:
@@ -60,9 +62,13 @@ def slide_patches(results: str | Path, encoder: str, slide: str, magnifications:
             raise ValueError(f"slide {slide}: its features failed ({path})")
         for m in magnifications:
             if group_name(m) in f:
-                x = f[group_name(m)]["features"][()].astype(np.float32)
+                g = f[group_name(m)]
+                x = g["features"][()].astype(np.float32)
                 feats.append(x)
                 mags.append(np.full(len(x), float(m)))
+                if boxes is not None:
+                    xy = g["coords"][()].astype(np.int64).reshape(-1, 2)
+                    boxes.append(np.column_stack([xy, np.full(len(xy), int(g.attrs["size"]))]))
     if not feats or not sum(len(x) for x in feats):
         raise ValueError(f"slide {slide}: no patch at {[group_name(m) for m in magnifications]} in {path}")
     return np.concatenate(feats), np.concatenate(mags)
@@ -108,6 +114,17 @@ class SlideModel:
 
     def texts(self, texts: Sequence[str]) -> np.ndarray:
         return l2_normalize(self.model.encode_text(list(texts)).numpy())
+
+    def heatmaps(self, slide: str, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores (Q, P), boxes (P, 3))``: each text's score of every patch (PathFLIP: its
+        pooling heatmap; MR-PLIP: patch-text cosine) and the patches' level-0 x, y, size."""
+        boxes: list = []
+        feats, mags = slide_patches(self.results, self.encoder, slide, self.magnifications, boxes)
+        if self.family == "pathflip":
+            scores = self.model.localize(feats, mags, list(texts)).numpy()
+        else:
+            scores = self.texts(texts) @ self._patch_embeddings(slide).T
+        return scores, np.concatenate(boxes)
 
     def class_scores(self, slide: str, class_vectors: np.ndarray) -> np.ndarray:
         """(C,) score of each class for one slide (PathFLIP: cosine; MR-PLIP: top-k patch mean)."""
@@ -202,6 +219,60 @@ def _retrieval(model: SlideModel, results: Path, settings: SlideEvalSettings, he
             "slide_to_caption": recall_at_k(sim, ks), "caption_to_slide": recall_at_k(sim.T, ks)}
 
 
+def _localisation(model: SlideModel, table: pd.DataFrame, settings: SlideEvalSettings,
+                  slide_table: str | Path) -> dict[str, Any]:
+    """Each annotated region kind's heatmap against the patches mostly inside its regions
+    (:func:`mrplip_core.wsi.regions.patch_truth`), over every slide whose ``settings.regions``
+    column names a region GeoJSON (relative paths: to the slide table's folder). A kind's
+    heatmap: the model's scores for the kind's name, or the mean over its prompts when
+    ``settings.region_prompts`` names a prompt file. A slide whose file cannot be read is
+    recorded with the reason and left out."""
+    from mrplip_core.evaluation.metrics import localization_metrics
+    from mrplip_core.evaluation.plan import region_path
+    from mrplip_core.wsi.regions import patch_truth, read_regions, region_kinds
+
+    column = settings.regions
+    assert column is not None
+    if column not in table.columns:
+        return {"status": "n/a", "reason": f"the slide table has no column {column!r} (evaluation.slides.regions)"}
+    try:
+        prompts = PromptSet.read(settings.region_prompts) if settings.region_prompts else None
+    except ValueError as exc:
+        return {"status": "error", "reason": str(exc)}
+    queries: list[tuple[np.ndarray, np.ndarray]] = []
+    slides, failed = 0, {}
+    for slide, value in table[column].items():
+        if not isinstance(value, str) or not value.strip():
+            continue
+        path = region_path(value, slide_table)
+        try:
+            regions = read_regions(path)
+            kinds = region_kinds(regions)
+            if not kinds:
+                raise ValueError(f"{path}: no region")
+            texts = [prompts.prompts(k) if prompts and k in prompts.classes else [k] for k in kinds]
+            flat = [t for ts in texts for t in ts]
+            scores, boxes = model.heatmaps(str(slide), flat)
+        except (ValueError, OSError) as exc:
+            failed[str(slide)] = str(exc)
+            log.warning("localisation: slide %s left out: %s", slide, exc)
+            continue
+        truth = patch_truth(boxes, regions)["kind"].to_numpy()
+        start = 0
+        for kind, ts in zip(kinds, texts):
+            queries.append((scores[start:start + len(ts)].mean(0), truth == kind))
+            start += len(ts)
+        slides += 1
+    if not queries:
+        reason = f"no slide with features names a readable region file in column {column!r}"
+        return {"status": "n/a", "reason": reason, "failed": failed}
+    source = f"its prompts in {settings.region_prompts} (mean heatmap)" if prompts else "its name"
+    protocol = (f"each annotated kind's {source} as the text query; AUROC of the patch scores against the patches "
+                f"mostly inside that kind's regions, pointing = the top patch inside; mean over (slide, kind)")
+    return {"status": "ok", "n_slides": slides, "failed": failed, "protocol_note": protocol,
+            **localization_metrics(queries)}
+
+
 def evaluate_slides(model_name: str, results: str | Path, slide_table: str | Path, settings: EvaluationSettings,
                     held_out: Sequence[str] = ()) -> dict[str, Any]:
     """Slide-level metrics of one model (see the module docstring); JSON-ready."""
@@ -227,8 +298,10 @@ def evaluate_slides(model_name: str, results: str | Path, slide_table: str | Pat
                              "linear_probe": {"status": "n/a", "reason": reason}}
             continue
         tasks[column] = _classify(model, table, column, prompt_file, settings)
+    localisation = _localisation(model, table, s, slide_table) if s.regions else None
     return {"model": model_name, "dataset": SLIDES, "status": "ok", "family": model.family, "encoder": model.encoder,
-            "n_slides": len(usable), "labels": tasks, "retrieval": _retrieval(model, results, s, held_out)}
+            "n_slides": len(usable), "labels": tasks, "retrieval": _retrieval(model, results, s, held_out),
+            "localisation": localisation}
 
 
 def slide_summary_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -246,6 +319,16 @@ def slide_summary_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
                 row.update(weighted_f1=r["weighted_f1"], balanced_accuracy=r["balanced_accuracy"], accuracy=r["accuracy"],
                            n_test=r["n"], protocol=r.get("protocol", ""), macro_auc=r.get("macro_auc"))
             rows.append(row)
+    loc = metrics.get("localisation")
+    if loc is not None:
+        note = loc.get("protocol_note", loc.get("reason", ""))
+        if loc.get("failed"):
+            note += f"; left out: {'; '.join(f'{s}: {r}' for s, r in loc['failed'].items())}"
+        row = {**base, "task": "slide localisation", "status": loc["status"], "note": note}
+        if loc["status"] == "ok":
+            row.update(auroc=loc["auroc"], pointing=loc["pointing"], n_test=loc["n"],
+                       protocol=f"chance: AUROC 0.5, pointing {loc['pointing_chance']:.2f}")
+        rows.append(row)
     r = metrics["retrieval"]
     if r.get("status") != "ok":
         rows.append({**base, "task": "slide retrieval", "status": r.get("status"), "note": r.get("reason", "")})

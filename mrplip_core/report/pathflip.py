@@ -87,11 +87,14 @@ def _metrics(ctx: ReportContext) -> str:
     df = df[df["dataset"] == SLIDES]
     if df.empty:
         return missing("no slide-level rows in the evaluation summary (evaluation.slides)")
+    for column in ("auroc", "pointing"):  # localisation columns (summaries written before they existed lack them)
+        if column not in df.columns:
+            df[column] = float("nan")
     rows = [(r.model, r.task, r.status, fmt(r.weighted_f1), fmt(r.balanced_accuracy), fmt(r.macro_auc), fmt(r.recall),
-             "" if pd.isna(r.protocol) else r.protocol, "" if pd.isna(r.note) else r.note)
+             fmt(r.auroc), fmt(r.pointing), "" if pd.isna(r.protocol) else r.protocol, "" if pd.isna(r.note) else r.note)
             for r in df.itertuples(index=False)]
-    return table(["model", "task", "status", "weighted F1", "balanced acc.", "macro AUC", "recall", "protocol", "note"],
-                 rows, numeric=(3, 4, 5, 6))
+    return table(["model", "task", "status", "weighted F1", "balanced acc.", "macro AUC", "recall",
+                  "localisation AUROC", "pointing", "protocol", "note"], rows, numeric=(3, 4, 5, 6, 7, 8))
 
 
 def pathflip(ctx: ReportContext) -> str:

@@ -58,9 +58,16 @@ def labels_to_geojson(labels: np.ndarray, downsample: float, kinds: Sequence[str
 
 
 def read_regions(path: str | Path) -> dict[str, Any]:
-    """A region GeoJSON file; every feature must be a Polygon or MultiPolygon with a ``kind``."""
+    """A region GeoJSON file; every feature must be a Polygon or MultiPolygon with a ``kind``
+    (QuPath's annotations: their ``classification.name`` is taken as the kind)."""
     regions = json.loads(Path(path).read_text())
     for i, feature in enumerate(regions.get("features", [])):
+        if not isinstance(feature.get("properties"), dict):
+            feature["properties"] = {}
+        props = feature["properties"]
+        classification = props.get("classification")
+        if KIND not in props and isinstance(classification, dict) and isinstance(classification.get("name"), str):
+            props[KIND] = classification["name"]
         if feature.get("geometry", {}).get("type") not in ("Polygon", "MultiPolygon"):
             raise ValueError(f"{path}: feature {i} is not a Polygon or MultiPolygon")
         if not isinstance(feature.get("properties", {}).get(KIND), str):
