@@ -100,9 +100,14 @@ def test_killed_client_resumes_without_requesting_captioned_patches_again(result
         cmd = [sys.executable, "-m", "mrplip_core", "captions", "CMU1", "--results", str(r),
                "--settings", json.dumps({"captions": s.to_dict()})]
         proxy.hold_after = 16
-        job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = tmp_path / "job.log"
+        with log.open("w") as err:
+            job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
         folder = parts_dir(r / "captions" / "CMU1.parquet")
-        assert wait_for(lambda: len(proxy.answered) >= 16 and len(read_parts(folder, s.digest())) >= 16, 300)  # generous: a loaded 2-core machine
+        waited = wait_for(lambda: job.poll() is not None or (len(proxy.answered) >= 16 and len(read_parts(folder, s.digest())) >= 16), 300)
+        state = (f"job exit {job.poll()}, {len(proxy.requests)} requests, {len(proxy.answered)} answered; "
+                 f"its log:\n{log.read_text()[-3000:]}")
+        assert waited and job.poll() is None, state  # generous: a loaded 2-core machine
         job.send_signal(signal.SIGKILL)
         job.wait(30)
         captioned = set(read_parts(folder, s.digest())["patch_id"])
