@@ -146,11 +146,20 @@ class LogWatch:
         self._lines = 0
         self._rule: str | None = None
         self._outputs: list[str] = []
+        self.planned: dict[str, int] | None = None  # rule -> jobs, from the first "Job stats:" table
+        self._stats = False
 
     def poll(self) -> None:
         now = time.monotonic() - self.t0
         lines = self.path.read_text(errors="replace").splitlines() if self.path.exists() else []
         for line in lines[self._lines:]:
+            if line.startswith("Job stats:") and self.planned is None:
+                self.planned, self._stats = {}, True
+            elif self._stats and (m := re.match(r"^(\w+)\s+(\d+)$", line)):
+                if m.group(1) != "total":
+                    self.planned[m.group(1)] = int(m.group(2))
+                else:
+                    self._stats = False
             if m := re.match(r"^(?:local)?rule (\w+):$", line):
                 self._rule, self._outputs = m.group(1), []
             elif m := re.match(r"^\s+output: (.*)$", line):
@@ -415,12 +424,12 @@ def _kill_test(root: Path, n_kills: int, rng: random.Random, srv: FakeOpenAI, lo
         kill_at = None
         while proc.poll() is None:
             watch.poll()
-            if kill_at is None:
-                now_running = [stage_of(j.rule) for j in watch.running()]
-                # the target, or a later stage when the target's jobs are all done already
-                later = [st for st in now_running if st in order and order.index(st) > order.index(target)]
-                if target in now_running or later:
-                    hit = target if target in now_running else later[0]
+            if kill_at is None and watch.planned is not None:
+                now_running = [st for j in watch.running() if (st := stage_of(j.rule))]
+                # the target; any stage when this attempt plans no job of the target (all done)
+                left = sum(n for rule, n in watch.planned.items() if stage_of(rule) == target)
+                if target in now_running or (not left and now_running):
+                    hit = target if target in now_running else now_running[0]
                     kill_at = time.monotonic() + rng.uniform(0.05, 1.0) * lengths.get(hit, 5.0)
             if kill_at is not None and time.monotonic() >= kill_at:
                 break

@@ -29,21 +29,9 @@ def die_with_launcher() -> bool:
     """
     if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
         return False
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-    import signal
+    from mrplip_core.train.loop import die_with_parent
 
-    pr_set_pdeathsig = 1
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
-            return False
-    except (OSError, AttributeError):
-        return False
-    if os.getppid() == 1:  # the launcher died before the signal was set
-        os._exit(1)
-    return True
+    return die_with_parent()
 
 
 def _train_verb(a: argparse.Namespace, section_name: str, load: Callable[..., Any], train: Callable[[], Callable]) -> int:
