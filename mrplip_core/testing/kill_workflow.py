@@ -22,9 +22,12 @@ and ``bench/kill_workflow.py`` run:
 
 Run-specific, and so left out of the comparison (nothing else is):
 
-- columns and keys :data:`RUN_SPECIFIC_KEYS`: wall-clock times, durations, throughput, hosts, pids
-  (``elapsed_s``, ``patches_per_s``, ``created``, ...), wherever they occur (Parquet and CSV
-  columns, JSON/YAML keys at any depth, HDF5 attrs);
+- columns and keys :data:`RUN_SPECIFIC_KEYS` and every rate (``*_per_s``): wall-clock times,
+  durations, throughput, hosts, pids (``elapsed_s``, ``loader_wait_s``, ``bags_per_s``,
+  ``created``, ...), wherever they occur (Parquet and CSV columns, JSON/YAML keys at any depth,
+  HDF5 attrs);
+- the workdir's own path inside values (the slide table's resolved ``path``): read as the
+  reference's;
 - :data:`RUN_SPECIFIC_PATHS`: TensorBoard event files (wall times inside) and the HTML report
   (it prints the run's time), which are checked to exist in both runs, not compared.
 
@@ -71,6 +74,7 @@ RUN_SPECIFIC_KEYS = frozenset({
     "created", "created_at", "date", "started", "finished", "start_time", "end_time", "hostname", "host", "node",
     "pid", "patches_per_s", "images_per_s", "samples_per_s", "steps_per_s", "items_per_s", "throughput",
     "data_time", "compute_time", "step_time", "data_s", "compute_s", "step_s", "data_wait", "lr_time",
+    "loader_wait_s", "slides_per_s", "bags_per_s", "pairs_per_s",
 })
 #: Files (relative to results/, glob patterns) whose content holds the run's wall time.
 RUN_SPECIFIC_PATHS = ("**/tensorboard/*", "report/index.html")
@@ -265,17 +269,38 @@ def _stamp(path: Path) -> tuple[int, int] | None:
 
 
 # -- comparison ----------------------------------------------------------------------------------------
+def _run_specific(key: Any) -> bool:
+    """A run-specific column or key: in :data:`RUN_SPECIFIC_KEYS`, or a rate (``*_per_s``)."""
+    return key in RUN_SPECIFIC_KEYS or str(key).endswith("_per_s")
+
+
+#: (this workdir, the reference's): paths in the compared data are read with the first replaced.
+WORKDIRS: list[tuple[str, str]] = []
+
+
+def _same_root(v: Any) -> Any:
+    if isinstance(v, str):
+        for mine, ref in WORKDIRS:
+            v = v.replace(mine, ref)
+    return v
+
+
 def _drop_keys(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return _same_root(obj)
     if isinstance(obj, dict):
-        return {k: _drop_keys(v) for k, v in obj.items() if k not in RUN_SPECIFIC_KEYS}
+        return {k: _drop_keys(v) for k, v in obj.items() if not _run_specific(k)}
     if isinstance(obj, list):
         return [_drop_keys(v) for v in obj]
     return obj
 
 
 def _frames_equal(a: pd.DataFrame, b: pd.DataFrame) -> str | None:
-    a = a.drop(columns=[c for c in a.columns if c in RUN_SPECIFIC_KEYS])
-    b = b.drop(columns=[c for c in b.columns if c in RUN_SPECIFIC_KEYS])
+    a = a.drop(columns=[c for c in a.columns if _run_specific(c)])
+    b = b.drop(columns=[c for c in b.columns if _run_specific(c)])
+    for c in b.columns:
+        if b[c].dtype == object or pd.api.types.is_string_dtype(b[c].dtype):
+            b[c] = b[c].map(_same_root, na_action="ignore").astype(b[c].dtype)
     try:
         pd.testing.assert_frame_equal(a, b, check_exact=True)
     except AssertionError as exc:
@@ -289,7 +314,7 @@ def _h5_equal(a: Path, b: Path) -> str | None:
     def attrs(obj: Any) -> dict[str, Any]:
         out = {}
         for k, v in obj.attrs.items():
-            if k in RUN_SPECIFIC_KEYS:
+            if _run_specific(k):
                 continue
             out[k] = v.tolist() if isinstance(v, np.ndarray) else v
         return out
@@ -342,6 +367,7 @@ def compare_results(ref: Path, other: Path) -> dict[str, Any]:
     def files(root: Path) -> set[str]:
         return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not TEMP_NAME.search(p.name)}
 
+    WORKDIRS[:] = [(str(other.parent.resolve()), str(ref.parent.resolve()))]
     fa, fb = files(ref), files(other)
     run_specific = {f for f in fa | fb if any(Path(f).match(g) for g in RUN_SPECIFIC_PATHS)}
     mismatches = {}
