@@ -63,6 +63,7 @@ def test_finalize_is_atomic_and_refuses_too_many_errors(tmp_path):
         finalize(out, ["a", "b", "c", "d"], "d", max_error_fraction=0.0)
     assert not out.exists() and parts_dir(out).is_dir()  # nothing final, parts kept
     df = finalize(out, ["a", "b", "c", "d"], "d", max_error_fraction=0.25)
-    assert out.exists() and not parts_dir(out).exists()
+    assert out.exists() and [p.name for p in parts_dir(out).iterdir()] == ["final.parquet"]
+    assert (parts_dir(out) / "final.parquet").stat().st_ino == out.stat().st_ino  # a hard link, no copy
     assert list(pd.read_parquet(out).columns) == ["patch_id", "prompt", "caption", "model", "backend", "params", "error"]
     assert df.error.notna().sum() == 1

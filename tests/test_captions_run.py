@@ -38,8 +38,23 @@ def test_morphology_captions_every_patch_of_a_real_slide(results):
     low = df[df.patch_id.str.contains("_5x_")].caption.iloc[0]
     high = df[df.patch_id.str.contains("_20x_")].caption.iloc[0]
     assert low.startswith("Low-magnification view (5x)") and high.startswith("High-magnification view (20x)")
-    assert not parts_dir(results / "captions" / "CMU1.parquet").exists()
+    # only the final file's hard link stays beside it (see captions/parts.py)
+    assert [p.name for p in parts_dir(results / "captions" / "CMU1.parquet").iterdir()] == ["final.parquet"]
     assert summary["slides"]["CMU1"] == {"patches": 42, "resumed": 0, "requested": 42}
+
+
+def test_a_finished_slide_whose_file_snakemake_deleted_is_not_captioned_again(results):
+    """Killed after its last write, before Snakemake saw it finish: `--rerun-incomplete` deletes
+    the captions file; the rerun rebuilds it from the kept link without a single request."""
+    settings = CaptionSettings.from_dict({"io_threads": 2})
+    job = SlideJob.under(results, "CMU1")
+    caption_slides([job], settings)
+    first = pd.read_parquet(job.out)
+    job.out.unlink()  # what Snakemake does to the output of a job it did not see finish
+    again = Crashing(settings)
+    summary = caption_slides([job], settings, backend=again)
+    assert again.requested == [] and summary["slides"]["CMU1"]["resumed"] == 42
+    pd.testing.assert_frame_equal(pd.read_parquet(job.out), first)
 
 
 class Crashing(MorphologyBackend):
@@ -221,7 +236,8 @@ def test_a_failed_shard_keeps_the_parts_of_its_finished_slides(shared_data, tmp_
     caption_slides(jobs, settings, backend=again)
     assert {p.split("_")[0] for p in again.requested} == {"B"} and len(again.requested) == 42
     assert jobs[0].out.exists() and jobs[1].out.exists()
-    assert not parts_dir(jobs[0].out).exists() and not parts_dir(jobs[1].out).exists()
+    for job in jobs:  # the parts are gone, the final file's link stays
+        assert [p.name for p in parts_dir(job.out).iterdir()] == ["final.parquet"]
 
 
 def test_a_slide_that_no_longer_opens_fails_its_own_patches_not_the_shard(shared_data, tmp_path):

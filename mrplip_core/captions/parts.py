@@ -14,9 +14,13 @@ removed on the next start). Every part carries the settings digest
 
 A restarted job reads the parts, skips patch ids already captioned (and, unless
 ``retry_errors`` is off, requests again those recorded with an error), and appends new
-parts. :func:`finalize` merges them into the final file atomically; the folder is removed
-once the whole job has succeeded (a failed multi-slide job's outputs are deleted by
-Snakemake, and the parts let the rerun rebuild them without a single request).
+parts. :func:`finalize` merges them into the final file atomically and hard-links that file
+into the folder as ``final.parquet`` (the same inode: no extra space), itself a valid part with
+the settings digest; once the whole job has succeeded the other parts are removed
+(:func:`prune_parts`) and ``final.parquet`` stays. Snakemake deletes the output of a job it
+did not see finish (a job killed after its last write, rerun with ``--rerun-incomplete``) and
+of a failed multi-slide job; the link survives that, so the rerun rebuilds the file without a
+single request. To request a slide's captions again, delete its ``.parts/`` folder too.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from mrplip_core.io.atomic import atomic_path
 log = logging.getLogger(__name__)
 
 DIGEST_KEY = b"mrplip.captions.digest"
+#: The final file's hard link inside the parts folder (read as a part; kept after the job).
+FINAL_LINK = "final.parquet"
 
 
 def parts_dir(out: str | os.PathLike[str]) -> Path:
@@ -134,8 +140,11 @@ def read_parts(folder: Path, digest: str) -> pd.DataFrame:
         return empty_captions()
     for tmp in folder.glob(".part-*.tmp"):
         tmp.unlink(missing_ok=True)
+    for tmp in folder.glob(f".{FINAL_LINK}.tmp"):
+        tmp.unlink(missing_ok=True)
     frames = []
-    for part in sorted(folder.glob("part-*.parquet")):
+    final = [folder / FINAL_LINK] if (folder / FINAL_LINK).exists() else []
+    for part in final + sorted(folder.glob("part-*.parquet")):
         try:
             meta = pq.read_schema(part).metadata or {}
             if meta.get(DIGEST_KEY, b"").decode() != digest:
@@ -185,7 +194,8 @@ def merge_rows(done: pd.DataFrame, order: list[str]) -> pd.DataFrame:
 def finalize(
     out: str | os.PathLike[str], order: list[str], digest: str, max_error_fraction: float = 0.0, keep_parts: bool = False
 ) -> pd.DataFrame:
-    """Merge the slide's parts into ``out`` (atomic), then delete the parts folder (unless ``keep_parts``).
+    """Merge the slide's parts into ``out`` (atomic) and link it into the parts folder as
+    ``final.parquet``; then delete the other parts (unless ``keep_parts``).
 
     ``order`` is the manifest's patch ids: the final file has exactly one row for each, in
     that order. When more than ``max_error_fraction`` of them failed, nothing is written,
@@ -201,8 +211,39 @@ def finalize(
             f"parts kept in {folder}, a rerun requests the failed ones again. First errors: {first}"
         )
     table = pa.Table.from_pandas(merged, schema=CAPTION_ARROW_SCHEMA, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), DIGEST_KEY: digest.encode()})
     with atomic_path(out) as tmp:
         pq.write_table(table, tmp)
+    _link_final(Path(out), folder)
     if not keep_parts:
-        shutil.rmtree(folder, ignore_errors=True)
+        prune_parts(folder)
     return merged
+
+
+def _link_final(out: Path, folder: Path) -> None:
+    """Hard-link ``out`` into ``folder`` as ``final.parquet`` (atomically; a copy where the file
+    system has no hard links)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{FINAL_LINK}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(out, tmp)
+    except OSError:
+        shutil.copyfile(out, tmp)
+    os.replace(tmp, folder / FINAL_LINK)
+    _fsync_dir(folder)
+
+
+def prune_parts(folder: str | os.PathLike[str]) -> None:
+    """Delete a finished slide's part files, keeping ``final.parquet`` (and the folder) when it
+    exists; a folder without it is removed whole."""
+    folder = Path(folder)
+    if not (folder / FINAL_LINK).exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for p in folder.iterdir():
+        if p.name != FINAL_LINK:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import pandas as pd
 
 from mrplip_core.captions.backend_factory import make_backend
 from mrplip_core.captions.backends import CaptionResult, Captioner
-from mrplip_core.captions.parts import PartWriter, finalize, parts_dir, read_parts, settled_patch_ids
+from mrplip_core.captions.parts import PartWriter, finalize, parts_dir, prune_parts, read_parts, settled_patch_ids
 from mrplip_core.captions.patches import PatchTask, SlideReader, load_manifest, tasks_from_manifest
 from mrplip_core.captions.progress import Progress
 from mrplip_core.captions.schema import CAPTION_ARROW_SCHEMA, empty_captions
@@ -199,5 +198,5 @@ def caption_slides(
 
 def _remove_parts(folders: list[Path]) -> None:
     for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+        prune_parts(folder)  # keeps final.parquet, the link of the final file (see parts.py)
 

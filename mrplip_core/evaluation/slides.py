@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from mrplip_core.io.errors import machine_trouble
 from mrplip_core.evaluation.plan import PATHFLIP_PREFIX, SLIDES
 from mrplip_core.evaluation.metrics import classification_metrics, recall_at_k
 from mrplip_core.evaluation.probe import linear_probe
@@ -206,6 +207,8 @@ def _retrieval(model: SlideModel, results: Path, settings: SlideEvalSettings, he
         try:
             usable.append((s, model.slide_embedding(s)))
         except (ValueError, OSError) as exc:
+            if machine_trouble(exc):  # a full disk or an I/O error fails the job
+                raise
             log.warning("retrieval: %s", exc)
     if len(usable) < 2:
         return {"status": "n/a", "reason": f"{len(usable)} slide(s) with a caption and features: retrieval needs 2"}
@@ -288,6 +291,8 @@ def evaluate_slides(model_name: str, results: str | Path, slide_table: str | Pat
             slide_patches(results, model.encoder, slide, model.magnifications)
             usable.append(slide)
         except (ValueError, OSError, FileNotFoundError) as exc:
+            if machine_trouble(exc):  # a full disk or an I/O error fails the job
+                raise
             log.warning("left out of slide-level evaluation: %s", exc)
     table = table.loc[usable]
     tasks = {}

@@ -25,7 +25,6 @@ Items are uint8 HWC tensors: the float conversion and normalisation happen on th
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 from typing import Literal
@@ -38,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mrplip_core.encoders.image import resize_patch
+from mrplip_core.io.errors import MACHINE_ERRNOS, MACHINE_WORDS, machine_trouble
 from mrplip_core.wsi.shared_reads import REGION_CACHE_BYTES, SharedReader, manifest_geometry, parent_rows
 from mrplip_core.wsi.slide import Slide, SlideError
 
@@ -49,12 +49,9 @@ WORKER_ROWS = 96
 
 #: errno values of an OSError that say nothing about the slide (the machine or the file
 #: system is in trouble): the job fails and is retried instead of recording a failed slide.
-TRANSIENT_ERRNOS = frozenset(
-    getattr(errno, name) for name in ("EIO", "ENOSPC", "EDQUOT", "EMFILE", "ENFILE", "ENOMEM", "ESTALE", "EAGAIN",
-                                      "EINTR", "ETIMEDOUT", "ENOLCK", "ECONNRESET") if hasattr(errno, name)
-)
+TRANSIENT_ERRNOS = MACHINE_ERRNOS
 #: The same in an error's text (``os.strerror``), and OpenCV's failed allocation.
-TRANSIENT_WORDS = tuple(os.strerror(e) for e in sorted(TRANSIENT_ERRNOS)) + ("Insufficient memory",)
+TRANSIENT_WORDS = MACHINE_WORDS
 
 
 class PatchDataset(Dataset):
@@ -235,10 +232,7 @@ def slide_failure(exc: BaseException) -> bool:
     system is in trouble is not (an OSError with an errno in ``TRANSIENT_ERRNOS``, or an
     OpenSlide/OpenCV message with those words): the job fails and is retried.
     """
-    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
-        return False
-    text = str(exc)  # OpenSlide and OpenCV carry no errno, only the system's words for it
-    if any(words in text for words in TRANSIENT_WORDS):
+    if machine_trouble(exc):  # OpenSlide and OpenCV carry no errno, only the system's words for it
         return False
     return isinstance(exc, (SlideError, openslide.OpenSlideError, OSError, cv2.error))
 

@@ -6,12 +6,16 @@ A killed job therefore never leaves a file at the final path that looks complete
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+
+#: errno values whose error is raised again naming the file being written (its final path).
+_NAMED_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
 
 
 @contextlib.contextmanager
@@ -20,7 +24,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     The temporary name keeps the suffix (so writers that dispatch on it still work) and
     starts with ``.`` plus the final name, so it is easy to recognise and never matches
-    a Snakemake output pattern. On any exception the temporary file is removed.
+    a Snakemake output pattern. On any exception the temporary file is removed; a full disk
+    (ENOSPC, EDQUOT) or an I/O error (EIO) is raised again as an OSError with the same errno
+    whose message names ``path``, since the writer's own message often names no file.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -31,9 +37,24 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        code = _named_errno(exc)
+        if code is not None and str(final) not in str(exc):
+            # a full disk or an I/O error seen by a writer (pyarrow, h5py) often names no file
+            raise OSError(code, f"{os.strerror(code)}: writing {final} ({exc})") from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _named_errno(exc: OSError) -> int | None:
+    """The errno of ``exc`` when it is one of ``_NAMED_ERRNOS``, by number or by its words
+    (pyarrow and h5py put "No space left on device" in the text and may leave errno unset)."""
+    if exc.errno in _NAMED_ERRNOS:
+        return exc.errno
+    return next((e for e in sorted(_NAMED_ERRNOS) if os.strerror(e) in str(exc)), None)
 
 
 def _umask() -> int:

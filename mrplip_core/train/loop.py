@@ -21,7 +21,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import random
 import shutil
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -126,6 +130,33 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return item_seed(seed, 1_000_000 + step, micro * 65_536 + rank)
 
 
+def reseed_globals(seed: int) -> None:
+    """Seed torch's, numpy's and Python's global RNGs for one micro-batch.
+
+    Every random draw of a step then depends on the step alone, not on how many steps this
+    process ran before: a run resumed from a checkpoint draws what an uninterrupted one would
+    (numpy and ``random`` included, which a checkpoint's saved states alone do not ensure when
+    a library draws from them outside the loop).
+    """
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def deterministic_torch(device: torch.device) -> None:
+    """Make torch's kernels deterministic (a resumed run equals an uninterrupted one bit for bit).
+
+    ``torch.use_deterministic_algorithms`` with ``warn_only`` (an op without a deterministic
+    kernel warns instead of failing); on GPU cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` set before
+    its first use, and cuDNN's autotuner is off.
+    """
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def precision(train: TrainSettings, device: torch.device) -> torch.dtype | None:
     """Autocast dtype, or None for fp32 (``auto``: bf16 on GPU, fp32 on CPU)."""
     wanted = train.precision
@@ -138,10 +169,33 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def die_with_parent() -> bool:
+    """Ask Linux to SIGKILL this process when its parent dies (PR_SET_PDEATHSIG); False where
+    that is not available. A process whose parent is already gone exits at once."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+
+    try:
+        if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() == 1:  # the parent died before the signal was set
+        os._exit(1)
+    return True
+
+
+def _worker_init(worker_id: int) -> None:
+    die_with_parent()  # a loader worker must not outlive its trainer (killed with SIGKILL)
+
+
 def make_batches(dataset: Dataset, sampler: BagStreamSampler, collate: Callable, *, num_workers: int = 0,
                  prefetch_factor: int = 2, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over ``sampler``'s batches (endless; take as many as needed)."""
-    kwargs: dict[str, Any] = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
+    """A DataLoader over ``sampler``'s batches (endless; take as many as needed). Its workers die
+    with the trainer (:func:`die_with_parent`)."""
+    kwargs: dict[str, Any] = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init} if num_workers > 0 else {}
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
                       pin_memory=pin_memory, **kwargs)
 
@@ -189,6 +243,7 @@ def _train(family: TrainingFamily, run_dir: Path, info: DistInfo) -> dict[str, A
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    deterministic_torch(info.device)
     resume_from = _prepare_run_dir(family, run_dir, info)
     family.prepare(run_dir, info, resuming=resume_from is not None)
     built = family.build(info)
@@ -246,7 +301,7 @@ def _train(family: TrainingFamily, run_dir: Path, info: DistInfo) -> dict[str, A
             batch = to_device(next(batches), info.device)
             step_data += time.perf_counter() - td
             seed = step_seed(config.seed, step, micro, info.rank)
-            torch.manual_seed(seed)
+            reseed_globals(seed)
             generator = torch.Generator(info.device).manual_seed(seed)
             sync = module.no_sync() if info.distributed and micro < accum - 1 else contextlib.nullcontext()
             with sync, torch.autocast(info.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

@@ -50,6 +50,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from mrplip_core.io.errors import machine_trouble
 from mrplip_core.evaluation.datasets import IMAGE_SUFFIXES, DatasetError, TileDataset
 from mrplip_core.features.h5 import STRING, package_versions, set_attrs, strings
 from mrplip_core.io.atomic import atomic_path
@@ -204,6 +205,8 @@ def embed_slides(model: UsableModel, slides: Sequence[str], out: Embeddings, res
             patches = read_slide_patches(results, model.image_encoder, slide, model.magnifications)
             vectors.append(model.model.encode_slide(patches.features, patches.magnification).numpy())
         except (SlideInputError, ValueError, OSError) as exc:
+            if machine_trouble(exc):  # a full disk or an I/O error fails the verb
+                raise
             out.failed.append(("slide", slide, str(exc)))
             continue
         ids.append(slide)

@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from mrplip_core.io.errors import machine_trouble
 from mrplip_core.io.atomic import atomic_path, write_parquet, write_text
 from mrplip_core.layout import RESULTS, Layout
 from mrplip_core.use.models import UsableModel, check_queries
@@ -238,6 +239,8 @@ def localize_slides(model: UsableModel, slides: Sequence[str], queries: Sequence
         try:
             rows += localize_slide(model, slide, queries, settings, results, out)
         except (SlideInputError, OSError, ValueError, KeyError, FloatingPointError) as exc:
+            if machine_trouble(exc):  # a full disk or an I/O error fails the verb
+                raise
             rows += [{"model": model.label, "slide_id": slide, "query": q, "query_key": query_key(q),
                       "status": "failed", "error": str(exc), "n_patches": 0, "n_region": 0, "max_score": float("nan"),
                       "background": "", "scores": "", "geojson": "", "heatmap": ""} for q in queries]

@@ -17,6 +17,8 @@ A slide's ``status`` is one of:
   magnification); ``error`` names the slide and the cause, the other outputs are written
   empty (an error card as QC image), so the rest of the cohort finishes. With
   ``failures_fatal`` the error is raised instead.
+Trouble of the machine (a full disk, an I/O error: :func:`mrplip_core.io.errors.machine_trouble`)
+is never recorded: it is raised, the job fails and no record is written.
 Later stages treat every status but ``ok`` alike: empty outputs for that slide.
 """
 
@@ -34,6 +36,7 @@ import openslide
 
 from mrplip_core import __version__
 from mrplip_core.io.atomic import atomic_path, write_parquet, write_text
+from mrplip_core.io.errors import machine_trouble
 from mrplip_core.wsi.hierarchy import (
     TilingError,
     TilingParams,
@@ -117,7 +120,9 @@ def tile_slide(
             record.update(slide.info.to_record())
             record.update(_tile_open_slide(slide, outputs, settings))
     except SLIDE_FAILURES as exc:
-        if settings.failures_fatal:  # a no_parents slide raised nothing: it is never fatal
+        # a no_parents slide raised nothing: it is never fatal. A full disk or an I/O error is
+        # the machine's trouble, not the slide's: the job fails (and is retried), nothing is recorded
+        if settings.failures_fatal or machine_trouble(exc):
             raise
         message = str(exc) if slide_id in str(exc) else f"slide {slide_id!r}: {exc}"
         record.update(status="failed", error=message)
