@@ -17,8 +17,11 @@ and ``bench/kill_workflow.py`` run:
    --rerun-incomplete``, which the next kill interrupts in turn; after the last kill it runs to
    the end.
 3. **Comparison.** Every file under both ``results/`` folders, by content (:func:`compare_results`):
-   Parquet and CSV as tables, HDF5 dataset by dataset with their attrs, JSON and YAML as data, every
-   other file byte for byte, each without the run-specific parts below.
+   Parquet and CSV as tables, HDF5 dataset by dataset with their attrs, JSON and YAML as data, torch
+   checkpoints (``.pt``, loaded with ``weights_only=True``) tensor by tensor (torch writes a
+   fresh serialization id, and pickle's bytes depend on which equal strings happen to be one
+   object, so two equal checkpoints can differ in bytes),
+   every other file byte for byte, each without the run-specific parts below.
 
 Run-specific, and so left out of the comparison (nothing else is):
 
@@ -344,6 +347,25 @@ def _h5_equal(a: Path, b: Path) -> str | None:
     return None
 
 
+def _same_data(x: Any, y: Any, where: str = "") -> str | None:
+    """Where two loaded objects differ (tensors bit for bit, mappings by key), or None."""
+    import torch
+
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        same = (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
+                and x.shape == y.shape and torch.equal(x, y))
+        return None if same else f"{where or 'tensor'} differs"
+    if isinstance(x, dict) and isinstance(y, dict):
+        if set(x) != set(y):
+            return f"{where}: keys {sorted(map(str, set(x) ^ set(y)))[:5]}"
+        return next((d for k in x if (d := _same_data(x[k], y[k], f"{where}.{k}"))), None)
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        if len(x) != len(y):
+            return f"{where}: length {len(x)} vs {len(y)}"
+        return next((d for i, (u, v) in enumerate(zip(x, y)) if (d := _same_data(u, v, f"{where}[{i}]"))), None)
+    return None if _drop_keys(x) == _drop_keys(y) else f"{where or 'value'} differs"
+
+
 def compare_file(a: Path, b: Path) -> str | None:
     """None when the two files hold the same data (run-specific parts left out), else why not."""
     suffix = a.suffix.lower()
@@ -359,7 +381,13 @@ def compare_file(a: Path, b: Path) -> str | None:
     if suffix in (".yaml", ".yml"):
         same = _drop_keys(yaml.safe_load(a.read_text())) == _drop_keys(yaml.safe_load(b.read_text()))
         return None if same else "YAML differs"
-    return None if a.read_bytes() == b.read_bytes() else "bytes differ"
+    if a.read_bytes() == b.read_bytes():
+        return None
+    if suffix == ".pt":  # a torch checkpoint: pickle's bytes depend on object identity, so compare what it holds
+        import torch
+
+        return _same_data(torch.load(a, weights_only=True), torch.load(b, weights_only=True))
+    return "bytes differ"
 
 
 def compare_results(ref: Path, other: Path) -> dict[str, Any]:
