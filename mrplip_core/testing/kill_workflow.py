@@ -8,9 +8,9 @@ and ``bench/kill_workflow.py`` run:
    which counts requests per patch) runs ``snakemake --cores 2`` once, uninterrupted. The time
    every job starts and finishes (read from Snakemake's log as it is written) gives each stage's
    window and the length of its jobs.
-2. **Kills.** A second workdir runs the same command. Each kill targets a stage (every stage once,
-   further kills drawn with the seed, in pipeline order): once a job of that stage is running, a
-   seeded moment within that stage's job length later the whole process group (Snakemake is
+2. **Kills.** A second workdir runs the same command. Each kill targets a stage: any stage no kill
+   has hit yet (jobs run side by side, so a stage can finish before its turn would come), then
+   stages drawn with the seed: once a job of the target is running, a seeded moment within that stage's job length later the whole process group (Snakemake is
    started with ``start_new_session=True``) gets SIGKILL. The jobs running at that moment are
    recorded; processes of the workdir still alive one second later are counted (and killed).
    Then the rerun the README prescribes: ``snakemake --unlock``, ``snakemake --cores 2
@@ -466,6 +466,7 @@ def _kill_test(root: Path, n_kills: int, rng: random.Random, srv: FakeOpenAI, lo
     finished_stamps: dict[str, tuple[int, int]] = {}  # outputs of jobs Snakemake saw finish -> (inode, mtime)
     stored_at: list[tuple[int, set[str]]] = []  # (requests so far, patch ids stored) at each kill
     survivors_total = 0
+    hit_so_far: set[str] = set()
     t_killed = time.monotonic()
     order = sorted(windows, key=lambda st: windows[st][0])
     for i, target in enumerate(_plan_kills(n_kills, rng, order)):
@@ -475,15 +476,20 @@ def _kill_test(root: Path, n_kills: int, rng: random.Random, srv: FakeOpenAI, lo
             _unlock(wd, wd / f"unlock_{i:02d}.log")
         proc = _start(wd, logfile, *args)
         watch = LogWatch(logfile, time.monotonic())
-        kill_at = None
+        kill_at, aimed = None, target
         while proc.poll() is None:
             watch.poll()
             if kill_at is None and watch.planned is not None:
                 now_running = [st for j in watch.running() if (st := stage_of(j.rule))]
-                # the target; any stage when this attempt plans no job of the target (all done)
-                left = sum(n for rule, n in watch.planned.items() if stage_of(rule) == target)
-                if target in now_running or (not left and now_running):
-                    hit = target if target in now_running else now_running[0]
+                planned = {st for rule, n in watch.planned.items() if n and (st := stage_of(rule))}
+                # the stages no kill has hit yet come first (jobs run side by side, so a stage can
+                # finish before its turn); once all are hit, the drawn target; any stage when this
+                # attempt plans none of the wanted ones
+                unhit = [st for st in order if st not in hit_so_far]
+                wanted = [st for st in (unhit or [target]) if st in planned]
+                hits = [st for st in now_running if st in (unhit or [target])]
+                if hits or (not wanted and now_running):
+                    hit = aimed = hits[0] if hits else now_running[0]
                     kill_at = time.monotonic() + rng.uniform(0.05, 1.0) * lengths.get(hit, 5.0)
             if kill_at is not None and time.monotonic() >= kill_at:
                 break
@@ -501,10 +507,11 @@ def _kill_test(root: Path, n_kills: int, rng: random.Random, srv: FakeOpenAI, lo
                 os.kill(pid, signal.SIGKILL)
         survivors_total += len(alive)
         stages = sorted({s for j in running if (s := stage_of(j.rule))}, key=STAGES.index)
-        done.append(Kill(target, round(at, 2), [f"{j.rule}{j.outputs[:1]}" for j in running], stages,
+        hit_so_far.update(stages)
+        done.append(Kill(aimed, round(at, 2), [f"{j.rule}{j.outputs[:1]}" for j in running], stages,
                          [cmd[:120] for _, cmd in alive]))
-        log(f"kill {i + 1}: target {target}, at {at:.1f} s, running {[j.rule for j in running]}, "
-            f"survivors {len(alive)}")
+        log(f"kill {i + 1}: target {aimed}, at {at:.1f} s, running {[j.rule for j in running]}, "
+            f"survivors {len(alive)}" + "".join(f"\n  survivor: {cmd[:200]}" for _, cmd in alive))
         running_outputs = {o for j in running for o in j.outputs}
         for j in watch.finished():
             for o in j.outputs:

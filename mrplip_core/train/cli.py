@@ -17,21 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-
-def die_with_launcher() -> bool:
-    """Under torchrun, ask Linux to kill this process when its launcher dies (PR_SET_PDEATHSIG).
-
-    torchrun starts its workers in sessions of their own, so killing the job's process group
-    (Snakemake killed, a Slurm step cancelled with SIGKILL) kills torchrun but not them: they
-    would train on as orphans, holding the GPU and writing checkpoints beside the rerun's. With
-    the death signal they die with it. Returns whether the signal was set (Linux only; a no-op
-    outside torchrun or elsewhere).
-    """
-    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
-        return False
-    from mrplip_core.train.loop import die_with_parent
-
-    return die_with_parent()
+from mrplip_core.lifetime import die_with_launcher
 
 
 def _train_verb(a: argparse.Namespace, section_name: str, load: Callable[..., Any], train: Callable[[], Callable]) -> int:
@@ -51,7 +37,7 @@ def _train_verb(a: argparse.Namespace, section_name: str, load: Callable[..., An
 
         print(yaml.safe_dump({section_name: config.to_dict()}, sort_keys=False))
         return 0
-    die_with_launcher()
+    die_with_launcher()  # again, for a caller that did not come through python -m mrplip_core
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", stream=sys.stderr)

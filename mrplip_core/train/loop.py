@@ -24,7 +24,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -169,32 +168,16 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def die_with_parent() -> bool:
-    """Ask Linux to SIGKILL this process when its parent dies (PR_SET_PDEATHSIG); False where
-    that is not available. A process whose parent is already gone exits at once."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-    import signal
-
-    try:
-        if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
-            return False
-    except (OSError, AttributeError):
-        return False
-    if os.getppid() == 1:  # the parent died before the signal was set
-        os._exit(1)
-    return True
-
-
 def _worker_init(worker_id: int) -> None:
+    from mrplip_core.lifetime import die_with_parent
+
     die_with_parent()  # a loader worker must not outlive its trainer (killed with SIGKILL)
 
 
 def make_batches(dataset: Dataset, sampler: BagStreamSampler, collate: Callable, *, num_workers: int = 0,
                  prefetch_factor: int = 2, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over ``sampler``'s batches (endless; take as many as needed). Its workers die
-    with the trainer (:func:`die_with_parent`)."""
+    with the trainer (:func:`mrplip_core.lifetime.die_with_parent`)."""
     kwargs: dict[str, Any] = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init} if num_workers > 0 else {}
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
                       pin_memory=pin_memory, **kwargs)
