@@ -39,7 +39,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("captions", "features", "convert_llava", "pathflip"),  # per-slide stages, and the LLaVA converter
     ("wsi", "encoders", "serving"),  # slides and tiling; the frozen-encoder registry; LLM server and client
     ("jobs",),  # job units, --settings, shard markers (written with io.atomic)
-    ("io", "config_mapping", "config_schema", "lazy", "layout", ""),  # artifact writing, config <-> dataclasses, lazy names, result paths, job units
+    ("io", "config_mapping", "config_schema", "lazy", "layout", "lifetime", ""),  # artifact writing, config <-> dataclasses, lazy names, result paths, processes that die with their launcher
 )
 #: May import anything (test helpers); imported by tests/ and bench/ only.
 FREE = "testing"

@@ -64,6 +64,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from mrplip_core.layout import Layout
 from mrplip_core.testing.fake_openai import FakeOpenAI
 
 REPO = Path(__file__).resolve().parents[2]
@@ -248,7 +249,7 @@ def stored_caption_ids(results: Path) -> set[str]:
     import pyarrow.parquet as pq
 
     ids: set[str] = set()
-    folder = results / "captions"
+    folder = Layout(results).captions("any").parent
     for path in [*folder.glob("*.parquet"), *folder.glob("*.parts/*.parquet")]:
         try:
             t = pq.read_table(path, columns=["patch_id", "error"]).to_pandas()
@@ -433,6 +434,13 @@ def _job_lengths(watch: LogWatch) -> dict[str, float]:
     return {s: statistics.median(v) for s, v in out.items()}
 
 
+def _is_features_file(output: str) -> bool:
+    """Whether a workdir-relative output path is an image or text features file."""
+    layout = Layout()  # the workdir's results/, as Snakemake names outputs
+    folders = (layout.image_features("e", "s").parents[1], layout.text_features("e", "s").parents[1])
+    return any(Path(output).is_relative_to(f) for f in folders)
+
+
 def kill_test(root: Path, kills: int = 12, seed: int = 0, log=print) -> dict[str, Any]:
     """Run the kill test in ``root`` (two workdirs, ``ref`` and ``killed``); return the figures."""
     rng = random.Random(seed)
@@ -548,6 +556,6 @@ def _kill_test(root: Path, n_kills: int, rng: random.Random, srv: FakeOpenAI, lo
         "repeated_stored_caption_requests": repeated_stored,
         "finished_outputs_checked": len(finished_stamps),
         "finished_outputs_rewritten": rewritten,
-        "features_computed_twice": [o for o in rewritten if o.startswith(("results/features/", "results/text_features/"))],
+        "features_computed_twice": [o for o in rewritten if _is_features_file(o)],
     }
 
