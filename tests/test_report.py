@@ -17,6 +17,7 @@ import yaml
 
 from mrplip_core.evaluation.datasets import TileDataset
 from mrplip_core.evaluation.prompts import PromptSet
+from mrplip_core.io.atomic import TEMP_NAME
 from mrplip_core.evaluation.run import evaluate_dataset, run_retrieval, write_summary
 from mrplip_core.evaluation.settings import DatasetSpec, EvaluationSettings
 from mrplip_core.testing.known_answers import MeanColourEmbedder, colour_prompts, write_colour_tiles
@@ -159,3 +160,20 @@ def test_a_run_is_described_with_its_cvta_and_mrtva_forms() -> None:
     earlier = describe_model({**base, "cvta_denominator": "negatives_only", "mrtva_pairs": "adjacent"})
     assert "CVTA (all_keywords) · MRTVA (lineage pairs)" in paper
     assert "CVTA (negatives_only) · MRTVA (adjacent pairs)" in earlier
+
+
+def test_a_rerun_after_a_killed_report_leaves_no_temporary_picture(tmp_path: Path) -> None:
+    """A report job killed while writing a picture left `.loss_demo.png.k77hgper.tmp.png`; the rerun removes it."""
+    from mrplip_core.io.atomic import atomic_path
+
+    out = tmp_path / "report"
+    (out / "img").mkdir(parents=True)
+    stale = out / "img" / ".loss_demo.png.k77hgper.tmp.png"
+    stale.write_bytes(b"half a png")
+    keep = out / "img" / "notes.tmp.txt"  # not a name atomic_path gives
+    keep.write_text("x")
+    with atomic_path(out / "img" / "a.png") as tmp:  # the names it gives are the ones removed
+        assert TEMP_NAME.match(tmp.name)
+        tmp.write_bytes(b"png")
+    build_report(tmp_path / "results", out)
+    assert not stale.exists() and keep.exists() and (out / "img" / "a.png").exists()

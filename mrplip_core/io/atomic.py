@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,22 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+#: The names :func:`atomic_path` gives its temporary files (``.{final name}.{random}.tmp{suffix}``).
+TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[^.]+)?$")
+
+
+def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``folder`` and below it (the names
+    :func:`atomic_path` gives them); returns them. Call it only from the one job that writes
+    there (a folder of pictures of one report, not a folder that parallel jobs write into)."""
+    removed = []
+    for p in Path(folder).rglob(".*.tmp*"):
+        if p.is_file() and TEMP_NAME.match(p.name):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def _named_errno(exc: OSError) -> int | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import mrplip_core
 from mrplip_core.evaluation.settings import DatasetSpec, ReportSettings
-from mrplip_core.io.atomic import write_text
+from mrplip_core.io.atomic import remove_stale_temps, write_text
 from mrplip_core.layout import TEMPLATES
 from mrplip_core.report import evaluation as ev
 from mrplip_core.report import pathflip, sections
@@ -49,6 +49,7 @@ def build_report(results: str | Path, out: str | Path, *, settings: ReportSettin
                  datasets: Sequence[DatasetSpec] = (),
                  eval_dir: str | Path | None = None, title: str = "MR-PLIP report") -> Path:
     """Write ``out/index.html`` (and ``out/img/``) from the results folder; returns the page path."""
+    remove_stale_temps(out)  # pictures of a report job that was killed while writing them
     ctx = ReportContext(Path(results), Path(out), settings or ReportSettings(), Path(eval_dir) if eval_dir else None,
                         list(runs) if runs is not None else None, tuple(datasets),
                         list(baselines) if baselines is not None else None)
