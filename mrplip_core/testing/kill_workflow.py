@@ -10,8 +10,12 @@ and ``bench/kill_workflow.py`` run:
    window and the length of its jobs.
 2. **Kills.** A second workdir runs the same command. Each kill targets a stage: any stage no kill
    has hit yet (jobs run side by side, so a stage can finish before its turn would come), then
-   stages drawn with the seed: once a job of the target is running, a seeded moment within that stage's job length later the whole process group (Snakemake is
-   started with ``start_new_session=True``) gets SIGKILL. The jobs running at that moment are
+   stages drawn with the seed. Once a job of the target is running, a seeded moment later the
+   whole process group (Snakemake is started with ``start_new_session=True``) gets SIGKILL: within
+   the first half of the stage's shortest job in the reference for a stage not hit yet (a job can
+   run faster than in the reference, and a stage of one job has no second chance), within its
+   median job length for the drawn ones. A target whose jobs all finished before the moment came
+   is not killed late in another stage: the kill is aimed again. The jobs running at that moment are
    recorded; processes of the workdir still alive one second later are counted (and killed).
    Then the rerun the README prescribes: ``snakemake --unlock``, ``snakemake --cores 2
    --rerun-incomplete``, which the next kill interrupts in turn; after the last kill it runs to
@@ -426,12 +430,28 @@ def _plan_kills(n: int, rng: random.Random, order: list[str]) -> list[str]:
     return sorted(targets, key=order.index)
 
 
-def _job_lengths(watch: LogWatch) -> dict[str, float]:
+def _job_lengths(watch: LogWatch) -> dict[str, list[float]]:
+    """Seconds each finished job of each stage ran (as seen in the log)."""
     out: dict[str, list[float]] = {}
     for j in watch.finished():
         if (stage := stage_of(j.rule)) is not None:
             out.setdefault(stage, []).append(j.end - j.start)
-    return {s: statistics.median(v) for s, v in out.items()}
+    return out
+
+
+def _kill_delay(stage: str, lengths: dict[str, list[float]], first: bool, rng: random.Random) -> float:
+    """Seconds after a job of ``stage`` is seen running to kill: in the first half of the shortest
+    reference job when the stage is hit for the first time, else within the median job length."""
+    v = lengths.get(stage) or [5.0]
+    return rng.uniform(0.05, 0.5) * min(v) if first else rng.uniform(0.05, 1.0) * statistics.median(v)
+
+
+def _pending_stages(watch: LogWatch) -> set[str]:
+    """Stages with a job running, or planned in this attempt and not started yet."""
+    started = Counter(j.rule for j in watch.jobs.values())
+    out = {st for j in watch.running() if (st := stage_of(j.rule))}
+    out |= {st for rule, n in (watch.planned or {}).items() if n > started[rule] and (st := stage_of(rule))}
+    return out
 
 
 def _is_features_file(output: str) -> bool:
@@ -487,18 +507,20 @@ def _kill_test(root: Path, n_kills: int, rng: random.Random, srv: FakeOpenAI, lo
         kill_at, aimed = None, target
         while proc.poll() is None:
             watch.poll()
+            unhit = [st for st in order if st not in hit_so_far]
+            if kill_at is not None and aimed in unhit and time.monotonic() < kill_at \
+                    and not any(stage_of(j.rule) == aimed for j in watch.running()):
+                kill_at = None  # the target's job finished before its moment: aim again
             if kill_at is None and watch.planned is not None:
                 now_running = [st for j in watch.running() if (st := stage_of(j.rule))]
-                planned = {st for rule, n in watch.planned.items() if n and (st := stage_of(rule))}
                 # the stages no kill has hit yet come first (jobs run side by side, so a stage can
                 # finish before its turn); once all are hit, the drawn target; any stage when this
-                # attempt plans none of the wanted ones
-                unhit = [st for st in order if st not in hit_so_far]
-                wanted = [st for st in (unhit or [target]) if st in planned]
+                # attempt has none of the wanted ones left to run
+                wanted = [st for st in (unhit or [target]) if st in _pending_stages(watch)]
                 hits = [st for st in now_running if st in (unhit or [target])]
                 if hits or (not wanted and now_running):
-                    hit = aimed = hits[0] if hits else now_running[0]
-                    kill_at = time.monotonic() + rng.uniform(0.05, 1.0) * lengths.get(hit, 5.0)
+                    aimed = hits[0] if hits else now_running[0]
+                    kill_at = time.monotonic() + _kill_delay(aimed, lengths, aimed in unhit, rng)
             if kill_at is not None and time.monotonic() >= kill_at:
                 break
             time.sleep(0.05)
