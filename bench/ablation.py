@@ -159,7 +159,7 @@ def main() -> None:
     wall = time.perf_counter() - t0
     summary = pd.read_csv(Layout(a.workdir / "results").eval_summary)
     cfg = yaml.safe_load((a.workdir / "config.yaml").read_text())
-    seeds = sorted({int(r.rsplit("-s", 1)[1]) for r in [cfg["pretrain"]["run"], *cfg["ablations"]]})
+    seeds = sorted({int(cfg["pretrain"]["seed"]), *(int(v.get("seed", cfg["pretrain"]["seed"])) for v in cfg["ablations"].values())})
     frozen = f"frozen-{cfg['features']['image_encoder']}"
     t = table(summary, seeds, frozen)
     shown = ["row", "runs", *METRICS]

@@ -516,7 +516,8 @@ def _kill_test(root: Path, n_kills: int, rng: random.Random, srv: FakeOpenAI, lo
                 # the stages no kill has hit yet come first (jobs run side by side, so a stage can
                 # finish before its turn); once all are hit, the drawn target; any stage when this
                 # attempt has none of the wanted ones left to run
-                wanted = [st for st in (unhit or [target]) if st in _pending_stages(watch)]
+                pending = _pending_stages(watch)
+                wanted = [st for st in (unhit or [target]) if st in pending]
                 hits = [st for st in now_running if st in (unhit or [target])]
                 if hits or (not wanted and now_running):
                     aimed = hits[0] if hits else now_running[0]

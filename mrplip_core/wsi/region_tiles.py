@@ -19,7 +19,8 @@ import pandas as pd
 from PIL import Image
 
 from mrplip_core.io.atomic import atomic_path, write_text
-from mrplip_core.wsi.regions import BACKGROUND, patch_truth, read_regions
+from mrplip_core.wsi.magnification import magnification_to_mpp
+from mrplip_core.wsi.regions import BACKGROUND, patch_truth
 from mrplip_core.wsi.slide import Slide
 
 
@@ -52,8 +53,7 @@ def region_tiles(
     ``seed`` (None: all). Returned in grid order (row by row)."""
     if not 0.0 < min_fraction <= 1.0:
         raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction}")
-    mpp_out = 10.0 / magnification
-    size = int(round(tile_px * mpp_out / slide.mpp))  # level-0 px per tile side
+    size = int(round(tile_px * magnification_to_mpp(magnification) / slide.mpp))  # level-0 px per tile side
     if size < 1:
         raise ValueError(f"slide {slide.slide_id!r}: {tile_px} px at {magnification:g}x is under one level-0 px")
     w, h = slide.info.width, slide.info.height
@@ -82,7 +82,6 @@ def write_tile_set(slides: Sequence[tuple[Slide, Mapping[str, Any] | str | Path]
     out = Path(out)
     rows = []
     for k, (slide, regions) in enumerate(slides):
-        regions = regions if isinstance(regions, Mapping) else read_regions(regions)
         for t in region_tiles(slide, regions, magnification=magnification, tile_px=tile_px,
                               min_fraction=min_fraction, per_kind=per_kind, seed=seed + k):
             rel = Path(t.kind) / f"{t.slide_id}_{t.x}_{t.y}.png"
