@@ -2,31 +2,36 @@
 encoder, 3 seeds each, through the real pipeline on a planted cohort, scored on held-out slides.
 
     .venv/bin/python bench/ablation.py --workdir /tmp/ablation
-    .venv/bin/python bench/ablation.py --workdir /tmp/ablation --slides 16 --heldout 6 --steps 150
+    .venv/bin/python bench/ablation.py --workdir /tmp/ablation-tissue --palette tissue
 
-1. ``write_planted_cohort`` writes the pretraining cohort (``--slides`` slides of 2-3 tissue
-   kinds each, ``wsi/planted.py``) into ``--workdir``, and a second cohort of ``--heldout``
-   slides (another seed: other layouts and pixels) into ``--workdir/heldout``. The held-out
-   slides never enter the workflow: ``wsi.region_tiles.write_tile_set`` cuts labelled 20x
-   tiles (512 px, the pipeline's patch size, at 0.5 um/px) from their regions, the kind covering
-   at least 90% of a tile being its label, at most ``--tiles-per-kind`` per kind and slide.
-2. The workflow config is the cohort's (``pathflip/planted.py``: 5/10/20x tiles, the morphology
-   captioner, the demo's random tiny ViT features) with ``bench/ablation.yaml`` merged in
-   (the rows x seeds as ablation runs; a quarter of the slides held out of pretraining) and
-   the bench's settings: ``--steps`` steps of a small random text encoder (the rows differ only
-   in what the yaml changes), the held-out tile set with ``bench/ablation_prompts.json`` as the
-   evaluation's tile set, PathFLIP and the slide level off.
+1. ``write_planted_cohort`` writes the pretraining cohort (``--slides`` slides of 2-3 kinds
+   each, ``wsi/planted.py``) into ``--workdir``, and a second cohort of ``--heldout`` slides
+   (another seed: other layouts and pixels) into ``--workdir/heldout``. ``--palette``:
+   ``architecture`` (default; scanned at 40x, 0.25 um/px, 3.1 mm): glands in stroma or solid
+   sheets, which differ at 5x, crossed with low- or high-grade nuclei, which differ from 20x
+   on and not in colour at 5x; ``tissue`` (20x, 0.5 um/px, 4.1 mm): five kinds that differ in
+   colour, texture and nuclei at every magnification. The held-out slides never enter the
+   workflow: ``wsi.region_tiles.write_tile_set`` cuts labelled 20x tiles (512 px, the
+   pipeline's patch size, at 0.5 um/px) from their regions, the kind covering at least 90% of a
+   tile being its label, at most ``--tiles-per-kind`` per kind and slide.
+2. The workflow config is the cohort's (``pathflip/planted.py``: 5/10/20(/40)x tiles, the
+   morphology captioner, the demo's random tiny ViT features) with ``bench/ablation.yaml``
+   merged in (the rows x seeds as ablation runs; a quarter of the slides held out of
+   pretraining; the 20x-only rows get as many patches per bag as the full run) and the bench's
+   settings: ``--steps`` steps of a small random text encoder (the rows differ only in what the
+   yaml changes), the held-out tile set with the palette's prompts
+   (``bench/ablation_prompts*.json``) as the evaluation's tile set, PathFLIP and the slide
+   level off.
 3. ``snakemake ... results/eval/summary.csv`` runs tiles, captions, keywords, features, the 12
    pretraining runs and their evaluation. The table: per row, mean +- sd over the seeds of
    patch<->caption retrieval R@1 (both directions) on the slides the runs held out, and
-   zero-shot and linear-probe weighted F1 on the held-out tiles. The frozen encoder has no text
-   side (zero-shot and retrieval n/a) and no seed (its probe is one figure).
+   zero-shot, linear-probe and 1- and 4-shot probe weighted F1 on the held-out tiles (a k-shot
+   figure is itself the mean over 10 draws of the k tiles per class). The frozen encoder has
+   no text side (zero-shot and retrieval n/a) and no seed (its probes are one figure each).
 
 Prints the table and writes ``bench_ablation.json`` in the workdir. Nothing is tuned to an
-ordering of the rows: the cohort, prompts and settings were fixed before the first run, and
-whatever comes out is printed. The kinds of the planted cohort differ in colour, texture and
-nuclei at every magnification (not in architecture at 5x alone), so this cohort does not test
-the claim that low-magnification context helps high-magnification patches.
+ordering of the rows: the cohorts, prompts and settings were fixed before their first run, and
+whatever comes out is printed.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -53,14 +59,36 @@ from mrplip_core.wsi.slide import Slide  # noqa: E402
 
 ROWS = ("full", "single-20x", "no-mrtva", "no-cvta")
 TILE_MAGNIFICATION, TILE_PX = 20.0, 512
+SHOTS = (1, 4)
 
 
-def bench_config(workdir: Path, steps: int) -> dict:
+@dataclass(frozen=True)
+class Cohort:
+    """How the bench scans a palette's slides and which zero-shot prompts it uses."""
+
+    mpp: float  # level-0 um/px
+    size_mm: float  # side of each square slide
+    prompts: str  # file under bench/
+    title: str
+
+
+COHORTS = {
+    "architecture": Cohort(0.25, 3.1, "ablation_prompts_architecture.json",
+                           "Planted architecture x grade, held-out slides (20x tiles)"),
+    "tissue": Cohort(0.5, 4.1, "ablation_prompts.json", "Planted kinds, held-out slides (20x tiles)"),
+}
+
+
+def bench_config(workdir: Path, steps: int, cohort: Cohort) -> dict:
     """The cohort's config, ``bench/ablation.yaml`` merged in, and the bench's own settings."""
     base = yaml.safe_load(CohortFiles(workdir).config.read_text())
     ablation = yaml.safe_load((REPO / "bench" / "ablation.yaml").read_text())
     cfg = cohort_config(base, {"ablations": {}})  # the yaml's rows, not the demo's
     cfg = cohort_config(cfg, ablation)
+    per_bag = sum(cfg["pretrain"]["data"]["patches_per_magnification"])
+    for row in cfg["ablations"].values():  # 20x only: as many patches per bag as the full run
+        if row.get("data", {}).get("magnifications") == [TILE_MAGNIFICATION]:
+            row["data"]["patches_per_magnification"] = [per_bag]
     return cohort_config(cfg, {
         "pretrain": {
             "model": {"text_encoder": "random", "text_config": {
@@ -73,23 +101,26 @@ def bench_config(workdir: Path, steps: int) -> dict:
         },
         "evaluation": {
             "datasets": {"heldout": {
-                "path": "heldout/tiles/labels.csv", "mpp": 0.5, "magnification": TILE_MAGNIFICATION,
-                "prompts": str(REPO / "bench" / "ablation_prompts.json"), "optional": False,
-                "title": "Planted kinds, held-out slides (20x tiles)", "citation": "synthetic (wsi/planted.py)"}},
-            "few_shot": {"enabled": False},
+                "path": "heldout/tiles/labels.csv", "mpp": 10.0 / TILE_MAGNIFICATION, "magnification": TILE_MAGNIFICATION,
+                "prompts": str(REPO / "bench" / cohort.prompts), "optional": False,
+                "title": cohort.title, "citation": "synthetic (wsi/planted.py)"}},
+            "few_shot": {"enabled": True, "shots": list(SHOTS), "seeds": list(range(10))},
             "slides": {"enabled": False},
             "retrieval": {"max_pairs": 1000},
         },
     })
 
 
-def prepare(workdir: Path, slides: int, heldout: int, tiles_per_kind: int, seed: int, steps: int) -> pd.DataFrame:
+def prepare(workdir: Path, palette: str, slides: int, heldout: int, tiles_per_kind: int, seed: int,
+            steps: int) -> pd.DataFrame:
     """Both cohorts, the held-out tile set and the workflow config; returns the tile table."""
+    cohort = COHORTS[palette]
+    scan = {"size_mm": cohort.size_mm, "mpp": cohort.mpp, "palette": palette}
     if not CohortFiles(workdir).table.exists():
-        write_planted_cohort(workdir, slides, seed)
+        write_planted_cohort(workdir, slides, seed, **scan)
     held = CohortFiles(workdir / "heldout")
     if not held.table.exists():
-        write_planted_cohort(held.root, heldout, seed + 1)
+        write_planted_cohort(held.root, heldout, seed + 1, **scan)
     labels = held.root / "tiles" / "labels.csv"
     if not labels.exists():
         tab = pd.read_csv(held.table, sep="\t")
@@ -97,7 +128,7 @@ def prepare(workdir: Path, slides: int, heldout: int, tiles_per_kind: int, seed:
                  for s, p, m, r in zip(tab["slide_id"], tab["path"], tab["mpp"], tab["regions"])]
         write_tile_set(pairs, labels.parent, magnification=TILE_MAGNIFICATION, tile_px=TILE_PX,
                        per_kind=tiles_per_kind, seed=seed)
-    cfg = bench_config(workdir, steps)
+    cfg = bench_config(workdir, steps, cohort)
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
     return pd.read_csv(labels)
 
@@ -122,6 +153,7 @@ METRICS = {  # column of the table -> (dataset, task, summary column)
     "retrieval t2i R@1": ("retrieval", "retrieval text_to_image R@1", "recall"),
     "zero-shot wF1": ("heldout", "zero_shot", "weighted_f1"),
     "linear probe wF1": ("heldout", "linear_probe", "weighted_f1"),
+    **{f"{k}-shot wF1": ("heldout", f"{k}-shot", "weighted_f1") for k in SHOTS},
 }
 
 
@@ -143,6 +175,7 @@ def table(summary: pd.DataFrame, seeds: list[int], frozen: str) -> pd.DataFrame:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--palette", choices=sorted(COHORTS), default="architecture", help="the planted kinds")
     ap.add_argument("--slides", type=int, default=16, help="pretraining cohort (a quarter held out of pretraining)")
     ap.add_argument("--heldout", type=int, default=6, help="slides the labelled tiles are cut from")
     ap.add_argument("--tiles-per-kind", type=int, default=12, help="per held-out slide and kind")
@@ -152,7 +185,7 @@ def main() -> None:
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tiles = prepare(a.workdir, a.slides, a.heldout, a.tiles_per_kind, a.seed, a.steps)
+    tiles = prepare(a.workdir, a.palette, a.slides, a.heldout, a.tiles_per_kind, a.seed, a.steps)
     print(f"held-out tiles: {len(tiles)} from {tiles['slide_id'].nunique()} slides; per kind "
           + ", ".join(f"{k} {n}" for k, n in tiles["label"].value_counts().sort_index().items()), flush=True)
     run_workflow(a.workdir, a.cores)

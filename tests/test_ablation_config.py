@@ -4,6 +4,7 @@ pretraining runs that differ from the full run only in what each row changes."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from mrplip_core.train.ablations import expand_runs, merged
+from mrplip_core.wsi.planted import ARCHITECTURE_KINDS, KINDS
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATION = REPO / "bench" / "ablation.yaml"
@@ -42,7 +44,7 @@ def test_rows_differ_from_the_full_run_only_in_what_they_ablate():
         assert full["seed"] == s and full["data"]["val_fraction"] == 0.25
         assert _diff(full, runs[f"single-20x-s{s}"]) == {
             "data.magnifications": ([5, 10, 20, 40], [20.0]),
-            "data.patches_per_magnification": ([1, 2, 2, 2], [5]),
+            "data.patches_per_magnification": ([1, 2, 2, 2], [7]),  # as many patches per bag
             "run": (f"full-s{s}", f"single-20x-s{s}")}
         assert _diff(full, runs[f"no-mrtva-s{s}"]) == {"loss.weights.mrtva": (1.0, 0.0),
                                                        "run": (f"full-s{s}", f"no-mrtva-s{s}")}
@@ -65,3 +67,38 @@ def test_the_users_command_plans_every_run_and_its_evaluation(tmp_path):
              if len(line.split()) == 2 and line.split()[1].isdigit()}
     assert stats["pretrain"] + stats["pretrain_ablation"] == 12, out[-3000:]
     assert stats["eval_retrieval"] == 12
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_ablation", REPO / "bench" / "ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_bench_gives_20x_only_rows_as_many_patches_as_its_cohorts_full_run(tmp_path):
+    """bench/ablation.py on a 40x cohort (5/10/20/40x, 1 + 2 + 2 + 2 patches) and a 20x one
+    (5/10/20x, 1 + 2 + 2): the 20x-only rows draw 7 and 5 patches per bag."""
+    from mrplip_core.pathflip.planted import CohortFiles, cohort_config, config_overrides
+
+    bench = _bench()
+    base = yaml.safe_load((REPO / "config.yaml").read_text())
+    for palette, per_bag in (("architecture", 7), ("tissue", 5)):
+        cohort = bench.COHORTS[palette]
+        files = CohortFiles(tmp_path / palette)
+        files.root.mkdir()
+        files.config.write_text(yaml.safe_dump(cohort_config(base, config_overrides(cohort.mpp))))
+        cfg = bench.bench_config(files.root, 3, cohort)
+        runs = expand_runs(cfg["pretrain"], cfg["ablations"])
+        assert len(runs) == 12 and cfg["pretrain"]["train"]["steps"] == 3
+        assert sum(runs["full-s0"]["data"]["patches_per_magnification"]) == per_bag
+        for s in (0, 1, 2):
+            assert runs[f"single-20x-s{s}"]["data"]["patches_per_magnification"] == [per_bag], palette
+        held = cfg["evaluation"]["datasets"]["heldout"]
+        assert held["prompts"].endswith(cohort.prompts) and Path(held["prompts"]).is_file()
+        prompts = json.loads(Path(held["prompts"]).read_text())
+        kinds = ARCHITECTURE_KINDS if palette == "architecture" else KINDS
+        assert set(prompts["classes"]) == set(kinds)  # a prompt set per planted kind, no more

@@ -1,6 +1,8 @@
 """A planted-signal cohort for PathFLIP: synthetic slides whose captions' regions are known.
 
-Each slide (``wsi/planted.py``) holds 2-3 tissue kinds in smooth regions; its caption has one
+Each slide (``wsi/planted.py``) holds 2-3 tissue kinds of one palette (``tissue``: five kinds
+that differ at every magnification; ``architecture``: glands or solid sheets crossed with low-
+or high-grade nuclei) in smooth regions; its caption has one
 sentence per kind, drawn from a few templates per kind (so a kind's sentence is not always the
 same string), largest region first. The rule-based splitter (``pathflip/subcaptions.py``)
 splits every caption into exactly those sentences (checked when the cohort is written), so
@@ -14,7 +16,7 @@ writes, under one folder (a workflow working directory)::
     truth.parquet              one row per caption sentence: its sub-caption id, char span
                                (start, end), text, kind, the region's area (mm^2, tissue share)
     config.yaml                the repository's config.yaml with ``slides: slides.tsv`` and a
-                               small run (see :data:`CONFIG_OVERRIDES`)
+                               small run (see :func:`config_overrides`)
 
 Run the real pipeline on it with ``snakemake -s workflow/Snakefile -d DIR tiles features``.
 """
@@ -34,7 +36,7 @@ import yaml
 
 from mrplip_core.io.atomic import write_parquet, write_text
 from mrplip_core.pathflip.subcaptions import split_caption
-from mrplip_core.wsi.planted import KINDS, plan_layout, write_planted_slide
+from mrplip_core.wsi.planted import PALETTES, plan_layout, write_planted_slide
 
 #: Sentence templates per kind: each names its kind and describes what is painted. None holds
 #: ", and", ", but", ", while", ", whereas" or ";", where the splitter would cut a clause.
@@ -65,12 +67,33 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "A mucinous area shows wispy pale blue-grey material with scattered vacuoles.",
         "Extracellular mucin forms pale lakes with a few vacuoles and almost no nuclei.",
     ),
+    "glandular_low_grade": (
+        "Well-formed round glands with open lumina are lined by small, uniform, round nuclei.",
+        "Regular glands set in fibrous stroma have a single layer of bland epithelium with small nuclei.",
+        "A gland-forming area shows open lumina lined by cells with small regular nuclei.",
+    ),
+    "glandular_high_grade": (
+        "Round glands with open lumina are lined by cells with large, pleomorphic nuclei.",
+        "Glands set in fibrous stroma are lined by atypical epithelium with enlarged irregular nuclei.",
+        "A gland-forming area shows open lumina lined by cells with large variable nuclei.",
+    ),
+    "solid_low_grade": (
+        "A solid sheet of cells without glands has small, uniform, round nuclei.",
+        "Cells grow in solid nests without lumina and their nuclei are small and regular.",
+        "There is a solid cellular area without gland formation with bland small nuclei.",
+    ),
+    "solid_high_grade": (
+        "A solid sheet of cells without glands has large, pleomorphic nuclei.",
+        "Cells grow in solid nests without lumina and their nuclei are enlarged and irregular.",
+        "There is a solid cellular area without gland formation with large atypical nuclei.",
+    ),
 }
 
 #: Keys of the repository's config.yaml that the cohort's config.yaml changes (nested keys
 #: merge): the cohort's slide table, no demo slides, 5x/10x/20x tiles of every parent box at
 #: least a quarter tissue (a planted slide holds a few boxes of 1 mm, and a region at its edge
 #: needs patches too), a short pretraining run, no ablations and no tile sets to evaluate.
+#: A cohort scanned at 40x adds 40x tiles and patches (:func:`config_overrides`).
 CONFIG_OVERRIDES: dict[str, Any] = {
     "slides": "slides.tsv",
     "demo": [],
@@ -162,6 +185,17 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def config_overrides(mpp: float) -> dict[str, Any]:
+    """:data:`CONFIG_OVERRIDES` for a cohort scanned at ``mpp`` um/px: with 40x tiles and two
+    40x patches per bag when the scan resolves 40x (``mpp`` <= 0.25)."""
+    if mpp > 0.25 * 1.01:
+        return copy.deepcopy(CONFIG_OVERRIDES)
+    return _merge(CONFIG_OVERRIDES, {
+        "tiling": {"magnifications": [5, 10, 20, 40]},
+        "pretrain": {"data": {"magnifications": [5, 10, 20, 40], "patches_per_magnification": [1, 2, 2, 2]}},
+    })
+
+
 def cohort_config(base: Mapping[str, Any], overrides: Mapping[str, Any] = CONFIG_OVERRIDES) -> dict[str, Any]:
     """``base`` (a workflow config) with ``overrides`` merged in (nested mappings merge, a
     non-empty mapping or any other value replaces; an empty mapping replaces too)."""
@@ -176,6 +210,7 @@ def write_planted_cohort(
     size_mm: float = 4.1,
     mpp: float = 0.5,
     kinds_per_slide: tuple[int, int] = (2, 3),
+    palette: str = "tissue",
     base_config: str | Path = REPO_CONFIG,
 ) -> pd.DataFrame:
     """Write a planted cohort of ``n_slides`` slides of ``size_mm`` x ``size_mm`` (level 0 at
@@ -185,10 +220,15 @@ def write_planted_cohort(
     slide's corner, so a side just above a multiple of 1.024 mm wastes nothing: the default
     4.1 mm holds 4 x 4 boxes, 3.1 mm 3 x 3.
 
-    Slide ``i`` is ``planted_{i:03d}``; its kinds (``kinds_per_slide`` inclusive range), layout,
+    ``palette`` names the kinds drawn from (``wsi.planted.PALETTES``: ``tissue`` or
+    ``architecture``; the architecture palette's grades differ in nuclei a few um across, so
+    scan it at 0.25 um/px, 40x). Slide ``i`` is ``planted_{i:03d}``; its kinds
+    (``kinds_per_slide`` inclusive range), layout,
     pixels and caption are drawn from ``(seed, i)``, so a slide does not change when the
     cohort grows. Every file is written atomically; the same arguments give the same files.
     """
+    if palette not in PALETTES:
+        raise ValueError(f"palette must be one of {sorted(PALETTES)}, got {palette!r}")
     files = CohortFiles(Path(out))
     side = int(round(size_mm * 1000.0 / mpp))
     rows, truth = [], []
@@ -196,7 +236,7 @@ def write_planted_cohort(
         sid = f"planted_{i:03d}"
         rng = np.random.default_rng([seed, i])
         n_kinds = int(rng.integers(kinds_per_slide[0], kinds_per_slide[1] + 1))
-        kinds = [str(k) for k in rng.choice(sorted(KINDS), n_kinds, replace=False)]
+        kinds = [str(k) for k in rng.choice(sorted(PALETTES[palette]), n_kinds, replace=False)]
         layout = plan_layout(side, side, mpp, kinds, rng)
         shares, areas = layout.shares(), layout.areas_mm2()
         order = sorted(kinds, key=lambda k: -shares[k])  # largest region first, as a report would
@@ -218,10 +258,12 @@ def write_planted_cohort(
                     "area_mm2": "float64", "tissue_share": "float64"})
     write_parquet(df, files.truth)
     base = yaml.safe_load(Path(base_config).read_text())
-    header = (f"# Planted-signal cohort: {n_slides} slides, seed {seed}, {size_mm} mm at {mpp} um/px.\n"
+    overrides = config_overrides(mpp)
+    header = (f"# Planted-signal cohort: {n_slides} slides ({palette} palette), seed {seed}, {size_mm} mm "
+              f"at {mpp} um/px.\n"
               f"# Written by `mrplip planted-cohort` from {base_config} with these keys changed:\n"
-              + "".join(f"#   {line}\n" for line in yaml.safe_dump(CONFIG_OVERRIDES, default_flow_style=True,
+              + "".join(f"#   {line}\n" for line in yaml.safe_dump(overrides, default_flow_style=True,
                                                                       width=10**6).splitlines())
               + "# Run: snakemake -s <repo>/workflow/Snakefile -d <this folder> tiles features\n")
-    write_text(header + yaml.safe_dump(cohort_config(base), sort_keys=False, allow_unicode=True), files.config)
+    write_text(header + yaml.safe_dump(cohort_config(base, overrides), sort_keys=False, allow_unicode=True), files.config)
     return df

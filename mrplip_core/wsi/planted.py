@@ -3,9 +3,11 @@
 A benchmark of localisation (does a model's pooling over a slide's patches, conditioned on a
 sentence, point at the region the sentence describes?) needs slides whose ground truth is
 known. A planted slide is the demo's synthetic tissue (``wsi/synthetic.py``) divided into 2-3
-irregular, smooth regions, each painted as one of :data:`KINDS` (distinct in colour, texture
-and nuclei; every length in um, so the picture is physically consistent at any scan
-resolution). The regions come from one coarse layout (:class:`PlantedLayout`) that both the
+irregular, smooth regions, each painted as one tissue kind (every length in um, so the
+picture is physically consistent at any scan resolution). Two palettes (:data:`PALETTES`):
+``tissue`` (:data:`KINDS`: five kinds distinct in colour, texture and nuclei at every
+magnification) and ``architecture`` (:data:`ARCHITECTURE_KINDS`: glands or solid sheets,
+seen at 5x, crossed with low- or high-grade nuclei, seen at 20-40x). The regions come from one coarse layout (:class:`PlantedLayout`) that both the
 renderer and the ground truth (:meth:`PlantedLayout.regions`, a GeoJSON in level-0 px) read,
 so the file and its annotation cannot disagree by more than the annotation's raster cell.
 """
@@ -23,6 +25,7 @@ from mrplip_core.wsi.regions import labels_to_geojson
 from mrplip_core.wsi.synthetic import (
     COARSE,
     Appearance,
+    Glands,
     render_labels,
     sample_field,
     smooth_noise,
@@ -59,6 +62,47 @@ KINDS: dict[str, Appearance] = {
         nucleus_rgb_low=(80, 45, 130), nucleus_rgb_high=(120, 75, 165),
         vacuoles_per_100um2=0.08, vacuole_radius_um=(4.0, 12.0), vacuole_rgb=(247, 245, 248)),
 }
+
+def _epithelium(nuclei_per_100um2: float, radius_um: tuple[float, float], aspect: tuple[float, float],
+                glands: Glands | None) -> Appearance:
+    """The architecture palette's epithelium: one cytoplasm and one nuclear colour range for
+    every kind, so the grades differ only in the size, shape and number of nuclei."""
+    return Appearance(
+        base_rgb=(214.0, 150.0, 196.0), shade_rgb=(8.0, 12.0, 8.0), texture_um=3.0,
+        nuclei_per_100um2=nuclei_per_100um2, nucleus_radius_um=radius_um, nucleus_aspect=aspect,
+        nucleus_rgb_low=(55, 30, 110), nucleus_rgb_high=(95, 60, 145), glands=glands)
+
+
+#: The stroma between the glands of the architecture palette: few nuclei, so that the epithelium's
+#: nuclei are most of a glandular field's nuclei.
+GLAND_STROMA = Appearance(
+    base_rgb=(236.0, 170.0, 204.0), shade_rgb=(10.0, 24.0, 14.0), texture_um=1.5, fibre_stretch=6.0,
+    nuclei_per_100um2=0.08, nucleus_radius_um=(3.5, 5.0), nucleus_aspect=(3.0, 5.0),
+    nucleus_rgb_low=(80, 45, 130), nucleus_rgb_high=(120, 75, 165))
+_GLANDS = Glands(stroma=GLAND_STROMA)
+#: Nuclei of the two grades. Low grade: small, round, uniform (semi-axes 2.2-2.8 um); high grade:
+#: large and pleomorphic (3.8-5.2 um, up to 1.8 x as long as wide). The densities give both the
+#: same expected nuclear area per um^2 (0.37: a Poisson pattern of shapes of mean area A at
+#: density n covers 1 - exp(-n A) of the tissue), so at 5x (2 um/px), where a nucleus is 2-5 px
+#: across, the grades have the same mean colour and differ only slightly in texture; from 20x
+#: on their nuclei differ plainly in size, shape and count.
+_LOW_GRADE = {"nuclei_per_100um2": 2.0, "radius_um": (2.2, 2.8), "aspect": (1.0, 1.15)}
+_HIGH_GRADE = {"nuclei_per_100um2": 0.815, "radius_um": (3.8, 5.2), "aspect": (1.1, 1.8)}
+
+#: The architecture palette: 2 architectures x 2 grades. A kind's architecture shows at low
+#: magnification (glands of 100-200 um in stroma, or a solid sheet), its grade at high
+#: magnification (the nuclei). Neither alone tells the four kinds apart.
+ARCHITECTURE_KINDS: dict[str, Appearance] = {
+    "glandular_low_grade": _epithelium(**_LOW_GRADE, glands=_GLANDS),
+    "glandular_high_grade": _epithelium(**_HIGH_GRADE, glands=_GLANDS),
+    "solid_low_grade": _epithelium(**_LOW_GRADE, glands=None),
+    "solid_high_grade": _epithelium(**_HIGH_GRADE, glands=None),
+}
+
+#: The palettes a planted cohort draws its kinds from (kind names are unique across them).
+PALETTES: dict[str, dict[str, Appearance]] = {"tissue": KINDS, "architecture": ARCHITECTURE_KINDS}
+#: Every planted kind by name.
+ALL_KINDS: dict[str, Appearance] = {name: look for palette in PALETTES.values() for name, look in palette.items()}
 
 #: Level-0 px per cell of a planted slide's region raster (and of its GeoJSON's vertices).
 REGION_DOWNSAMPLE = 8
@@ -133,9 +177,9 @@ def plan_layout(
     wander). Layouts where a kind gets less than ``min_share`` of the tissue (default:
     ``0.5 / len(kinds)``) are redrawn, up to ``attempts`` times.
     """
-    unknown = [k for k in kinds if k not in KINDS]
+    unknown = [k for k in kinds if k not in ALL_KINDS]
     if unknown or not kinds or len(set(kinds)) != len(kinds):
-        raise ValueError(f"kinds must be distinct names of {sorted(KINDS)}, got {list(kinds)}")
+        raise ValueError(f"kinds must be distinct names of {sorted(ALL_KINDS)}, got {list(kinds)}")
     floor = 0.5 / len(kinds) if min_share is None else min_share
     for _ in range(attempts):
         tissue = tissue_field(width, height, rng, 2, centre=(0.42, 0.58), radius=(0.5, 0.62))
@@ -164,7 +208,7 @@ def plan_layout(
 def write_planted_slide(path: str | Path, layout: PlantedLayout, *, seed: int = 0, quality: int = 85) -> Path:
     """Render ``layout`` as a pyramidal JPEG TIFF at ``layout.mpp`` um/px (written atomically;
     the same layout and ``seed`` give the same file)."""
-    looks = [KINDS[k] for k in layout.kinds]
+    looks = [ALL_KINDS[k] for k in layout.kinds]
 
     def render(x0: int, y0: int, w: int, h: int) -> np.ndarray:
         labels = layout.labels(np.arange(x0, x0 + w), np.arange(y0, y0 + h))

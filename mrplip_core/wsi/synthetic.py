@@ -7,7 +7,8 @@ purple nuclei whose size is fixed in microns, so the picture is physically consi
 every magnification. Nothing is downloaded; the same arguments give the same file.
 
 The pieces are reusable: :class:`Appearance` says how one tissue kind is painted (colour,
-texture, nuclei, vacuoles; lengths in um), :func:`paint_tissue` paints it into a tile,
+texture, nuclei, vacuoles, and optionally gland architecture; lengths in um),
+:func:`paint_tissue` paints it into a tile,
 :func:`tissue_field` / :func:`sample_field` give smooth shapes on a coarse grid, and
 :func:`write_pyramid` writes any tile renderer as a pyramidal TIFF. ``wsi/planted.py``
 builds slides of several tissue kinds with known regions from them.
@@ -19,7 +20,7 @@ in memory (``width * height * 3 / 16`` bytes, 315 MB for 40960 x 40960 px).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -57,6 +58,7 @@ class Appearance:
     vacuoles_per_100um2: float = 0.0  # round clear spaces (fat, mucin), drawn before nuclei
     vacuole_radius_um: tuple[float, float] = (5.0, 10.0)
     vacuole_rgb: tuple[int, int, int] = (246, 244, 246)
+    glands: Glands | None = None  # None: the kind is a uniform sheet of this appearance
 
     @property
     def round_nuclei(self) -> bool:
@@ -66,6 +68,58 @@ class Appearance:
 
 #: The demo slide's tissue: pink stroma with evenly scattered round nuclei 6 um across.
 DEMO_STROMA = Appearance()
+
+
+@dataclass(frozen=True)
+class Glands:
+    """Gland architecture: tissue organised as glands in stroma. Lengths in um.
+
+    Glands sit on a square lattice of pitch ``spacing_um`` over the whole slide (each moved
+    by up to ``jitter`` x the pitch), each an elliptical lumen (semi-minor axis drawn from
+    ``lumen_radius_um``, major / minor from ``aspect``) lined by a rim of ``rim_um`` of the
+    kind's own appearance (the epithelium); between glands lies ``stroma``. A gland is drawn
+    from ``(seed, lattice cell)`` alone, so tiles rendered in any order join seamlessly.
+    At 5x (2 um/px) the default gland is 55-110 px across, about 25 per 512-px patch; at 40x
+    (0.25 um/px) one 512-px patch (128 um) holds part of one gland.
+    """
+
+    stroma: Appearance
+    spacing_um: float = 200.0
+    lumen_radius_um: tuple[float, float] = (30.0, 55.0)
+    aspect: tuple[float, float] = (1.0, 1.5)
+    rim_um: float = 25.0
+    jitter: float = 0.15
+    lumen_rgb: tuple[float, float, float] = (244.0, 236.0, 242.0)  # mean colour of the lumen's contents
+
+    def masks(self, x0: int, y0: int, w: int, h: int, mpp: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(lumen, gland) boolean (h, w) masks of the level-0 box at ``(x0, y0)`` (level-0 px
+        at ``mpp`` um/px); ``gland`` is lumen plus rim."""
+        pitch = self.spacing_um / mpp
+        rim = self.rim_um / mpp
+        reach = self.jitter * pitch + self.lumen_radius_um[1] * self.aspect[1] / mpp + rim
+        lumen = np.zeros((h, w), bool)
+        gland = np.zeros((h, w), bool)
+        for j in range(int(np.floor((y0 - reach) / pitch)), int(np.floor((y0 + h + reach) / pitch)) + 1):
+            for i in range(int(np.floor((x0 - reach) / pitch)), int(np.floor((x0 + w + reach) / pitch)) + 1):
+                rng = np.random.default_rng([seed, 0x61A4D, i + 2**20, j + 2**20])
+                cx, cy = (np.array([i, j]) + 0.5 + self.jitter * rng.uniform(-1, 1, 2)) * pitch
+                minor = rng.uniform(*self.lumen_radius_um) / mpp
+                major = minor * rng.uniform(*self.aspect)
+                angle = rng.uniform(0, np.pi)
+                # pixel centres of the box within the gland's reach, exactly (no polygon
+                # approximation, so a gland rasterises alike in every tile it touches)
+                r = major + rim
+                xa, xb = max(x0, int(np.floor(cx - r))), min(x0 + w, int(np.ceil(cx + r)) + 1)
+                ya, yb = max(y0, int(np.floor(cy - r))), min(y0 + h, int(np.ceil(cy + r)) + 1)
+                if xa >= xb or ya >= yb:
+                    continue
+                dx = np.arange(xa, xb, dtype=np.float64)[None, :] + 0.5 - cx
+                dy = np.arange(ya, yb, dtype=np.float64)[:, None] + 0.5 - cy
+                u = dx * np.cos(angle) + dy * np.sin(angle)
+                v = -dx * np.sin(angle) + dy * np.cos(angle)
+                lumen[ya - y0:yb - y0, xa - x0:xb - x0] |= (u / major) ** 2 + (v / minor) ** 2 <= 1.0
+                gland[ya - y0:yb - y0, xa - x0:xb - x0] |= (u / (major + rim)) ** 2 + (v / (minor + rim)) ** 2 <= 1.0
+        return lumen, gland
 
 
 def _texture(rng: np.random.Generator, h: int, w: int, sigma_px: float, stretch: float) -> np.ndarray:
@@ -78,15 +132,35 @@ def _texture(rng: np.random.Generator, h: int, w: int, sigma_px: float, stretch:
     return shade / (shade.std() + 1e-6)
 
 
-def paint_tissue(img: np.ndarray, mask: np.ndarray, look: Appearance, mpp: float, rng: np.random.Generator) -> None:
+def paint_tissue(
+    img: np.ndarray,
+    mask: np.ndarray,
+    look: Appearance,
+    mpp: float,
+    rng: np.random.Generator,
+    *,
+    origin: tuple[int, int] = (0, 0),
+    seed: int = 0,
+) -> None:
     """Paint tissue of appearance ``look`` into ``img`` ((h, w, 3) RGB uint8, in place) where
     ``mask`` ((h, w) bool) is set. ``mpp``: um per px of ``img`` (level 0 of the slide).
 
     Nuclei and vacuoles are placed by a Poisson draw per tile (expected count: the mask's
     area in um^2 times the density); a shape centred inside the mask may overhang its edge
-    by its radius.
+    by its radius. A look with :class:`Glands` is painted as glands of ``look`` in its stroma;
+    where they lie depends on ``origin`` (the level-0 px of ``img[0, 0]``) and ``seed`` only.
     """
     h, w = mask.shape
+    if look.glands is not None:
+        g = look.glands
+        lumen, gland = g.masks(origin[0], origin[1], w, h, mpp, seed)
+        paint_tissue(img, mask & ~gland, g.stroma, mpp, rng)
+        paint_tissue(img, mask & gland & ~lumen, replace(look, glands=None), mpp, rng)
+        inside = mask & lumen
+        if inside.any():
+            wisp = 4.0 * _texture(rng, h, w, max(1.0, 2.0 / mpp), 1.0)[inside]
+            img[inside] = np.stack([c + wisp for c in g.lumen_rgb], axis=-1).clip(0, 255).astype(np.uint8)
+        return
     shade = _texture(rng, h, w, max(1.0, look.texture_um / mpp), look.fibre_stretch)
     matrix = np.stack([b + a * shade for b, a in zip(look.base_rgb, look.shade_rgb)], axis=-1)
     img[mask] = matrix.clip(0, 255).astype(np.uint8)[mask]
@@ -173,7 +247,7 @@ def render_labels(
     for k, look in enumerate(looks):
         mask = labels == k
         if mask.any():
-            paint_tissue(img, mask, look, mpp, rng)
+            paint_tissue(img, mask, look, mpp, rng, origin=(x0, y0), seed=seed)
     return img
 
 
