@@ -36,6 +36,7 @@ import yaml
 
 from mrplip_core.io.atomic import write_parquet, write_text
 from mrplip_core.pathflip.subcaptions import split_caption
+from mrplip_core.wsi.magnification import base_magnification
 from mrplip_core.wsi.planted import PALETTES, plan_layout, write_planted_slide
 
 #: Sentence templates per kind: each names its kind and describes what is painted. None holds
@@ -187,8 +188,9 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 def config_overrides(mpp: float) -> dict[str, Any]:
     """:data:`CONFIG_OVERRIDES` for a cohort scanned at ``mpp`` um/px: with 40x tiles and two
-    40x patches per bag when the scan resolves 40x (``mpp`` <= 0.25)."""
-    if mpp > 0.25 * 1.01:
+    40x patches per bag when the scan is 40x by the rule the tiles stage applies
+    (``wsi.magnification.base_magnification``: 0.25 um/px and its tolerance band)."""
+    if base_magnification(mpp) < 40.0:
         return copy.deepcopy(CONFIG_OVERRIDES)
     return _merge(CONFIG_OVERRIDES, {
         "tiling": {"magnifications": [5, 10, 20, 40]},

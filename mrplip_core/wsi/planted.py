@@ -7,9 +7,10 @@ irregular, smooth regions, each painted as one tissue kind (every length in um, 
 picture is physically consistent at any scan resolution). Two palettes (:data:`PALETTES`):
 ``tissue`` (:data:`KINDS`: five kinds distinct in colour, texture and nuclei at every
 magnification) and ``architecture`` (:data:`ARCHITECTURE_KINDS`: glands or solid sheets,
-seen at 5x, crossed with low- or high-grade nuclei, seen at 20-40x). The regions come from one coarse layout (:class:`PlantedLayout`) that both the
-renderer and the ground truth (:meth:`PlantedLayout.regions`, a GeoJSON in level-0 px) read,
-so the file and its annotation cannot disagree by more than the annotation's raster cell.
+seen at 5x, crossed with low- or high-grade nuclei, seen at 20-40x). The regions come from
+one coarse layout (:class:`PlantedLayout`) that both the renderer and the ground truth
+(:meth:`PlantedLayout.regions`, a GeoJSON in level-0 px) read, so the file and its annotation
+cannot disagree by more than the annotation's raster cell.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ KINDS: dict[str, Appearance] = {
         nucleus_rgb_low=(80, 45, 130), nucleus_rgb_high=(120, 75, 165),
         vacuoles_per_100um2=0.08, vacuole_radius_um=(4.0, 12.0), vacuole_rgb=(247, 245, 248)),
 }
+
 
 def _epithelium(nuclei_per_100um2: float, radius_um: tuple[float, float], aspect: tuple[float, float],
                 glands: Glands | None) -> Appearance:
