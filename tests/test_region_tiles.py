@@ -66,3 +66,15 @@ def test_tile_set_reads_back_as_an_evaluation_dataset(planted, tmp_path):
     rgb = ds.read(0)
     assert rgb.shape == (128, 128, 3) and rgb.std() > 5  # tissue, not a blank tile
     assert not list((tmp_path / "tiles").rglob("*.tmp*"))
+
+
+def test_a_kind_with_a_slash_is_one_folder_and_keeps_its_label(planted, tmp_path):
+    _, path, regions = planted
+    renamed = tmp_path / "renamed.geojson"
+    renamed.write_text(regions.read_text().replace('"necrosis"', '"tumour/necrosis"'))
+    with Slide(path, "p", mpp=0.5) as slide:
+        df = write_tile_set([(slide, renamed)], tmp_path / "tiles", magnification=20, tile_px=64, per_kind=2)
+    assert "tumour/necrosis" in set(df["label"])
+    assert {p.name for p in (tmp_path / "tiles").iterdir() if p.is_dir()} == {"tumour_necrosis", "stroma", "tumour"}
+    ds = TileDataset.load(DatasetSpec("planted", str(tmp_path / "tiles" / "labels.csv"), mpp=0.5))
+    assert ds.class_counts()["tumour/necrosis"] == 2

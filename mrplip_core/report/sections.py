@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from mrplip_core.evaluation.run import METRICS_GLOB
+from mrplip_core.io.names import safe_filename
 from mrplip_core.layout import Layout
 from mrplip_core.report.context import ReportContext
 from mrplip_core.report.figures import loss_curves_png
@@ -97,7 +98,7 @@ def slides(ctx: ReportContext) -> str:
     for sid in df["slide_id"].astype(str).tolist()[: ctx.settings.max_qc_slides]:
         png = ctx.layout.tissue_qc(sid)
         if png.exists():
-            src = ctx.copy_image(png, f"qc_{_safe(sid)}.png", max_width=2 * ctx.settings.qc_width_px)
+            src = ctx.copy_image(png, f"qc_{safe_filename(sid)}.png", max_width=2 * ctx.settings.qc_width_px)
             figs.append(figure(src, esc(sid), width=ctx.settings.qc_width_px))
         else:
             absent = na(f"{SHOWN.pattern('tissue_qc', slide=sid)} is missing", "no QC image")
@@ -116,10 +117,6 @@ def _clean(value):
     if isinstance(value, (list, tuple)) or hasattr(value, "__len__") and not isinstance(value, str):
         return value
     return None if pd.isna(value) else value
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _chain(manifest: pd.DataFrame, bag_id: str) -> list[pd.Series]:
@@ -176,7 +173,7 @@ def bags(ctx: ReportContext) -> str:
             text = esc(caption) if caption else na("no caption for this patch yet", "no caption yet")
             try:
                 img = read_patch_image(ctx.layout, sid, pid)
-                src = ctx.save_array(img, f"patch_{_safe(pid)}.jpg", side * 2)
+                src = ctx.save_array(img, f"patch_{safe_filename(pid)}.jpg", side * 2)
                 figs.append(figure(src, f"{label}<br>{text}", width=side, alt=pid, style=f"width:{side + 60}px"))
             except Exception as exc:  # slide moved or unreadable: say so in the page
                 figs.append(f'<figure style="width:{side + 60}px"><div class="error">cannot read patch: {esc(exc)}</div>'
@@ -243,7 +240,7 @@ def pretraining(ctx: ReportContext) -> str:
         ))
         if len(metrics):
             val = read_metrics(d, validation=True)
-            png = loss_curves_png(metrics, ctx.image_path(f"loss_{_safe(d.name)}.png"), f"run {d.name}", val)
+            png = loss_curves_png(metrics, ctx.image_path(f"loss_{safe_filename(d.name)}.png"), f"run {d.name}", val)
             if png is not None:
                 caption = esc(SHOWN.pattern("run_metrics", run=d.name)) + (" (dashed: validation)" if val is not None else "")
                 figs.append(f"<h3>{esc(d.name)}</h3>" + figure(ctx.rel(png), caption, width=1150))

@@ -19,6 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from mrplip_core.io.atomic import atomic_path, write_text
+from mrplip_core.io.names import safe_filename
 from mrplip_core.wsi.magnification import magnification_to_mpp
 from mrplip_core.wsi.regions import BACKGROUND, patch_truth
 from mrplip_core.wsi.slide import Slide
@@ -76,7 +77,8 @@ def write_tile_set(slides: Sequence[tuple[Slide, Mapping[str, Any] | str | Path]
                    magnification: float, tile_px: int, min_fraction: float = 0.9, per_kind: int | None = None,
                    seed: int = 0) -> pd.DataFrame:
     """Cut :func:`region_tiles` from every ``(slide, regions)`` and write them as an evaluation
-    tile set: ``out/{kind}/{slide}_{x}_{y}.png`` (``tile_px`` px, RGB) and ``out/labels.csv``
+    tile set: ``out/{kind}/{slide}_{x}_{y}.png`` (characters outside ``[A-Za-z0-9._-]`` of kind and slide
+    replaced by ``_``, :func:`~mrplip_core.io.names.safe_filename`) (``tile_px`` px, RGB) and ``out/labels.csv``
     (``path`` relative to ``out``, ``label``, ``slide_id``, level-0 ``x``, ``y``, ``size``,
     ``fraction``), every file written atomically. Returns the table."""
     out = Path(out)
@@ -84,7 +86,7 @@ def write_tile_set(slides: Sequence[tuple[Slide, Mapping[str, Any] | str | Path]
     for k, (slide, regions) in enumerate(slides):
         for t in region_tiles(slide, regions, magnification=magnification, tile_px=tile_px,
                               min_fraction=min_fraction, per_kind=per_kind, seed=seed + k):
-            rel = Path(t.kind) / f"{t.slide_id}_{t.x}_{t.y}.png"
+            rel = Path(safe_filename(t.kind)) / safe_filename(f"{t.slide_id}_{t.x}_{t.y}.png")
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(out / rel) as tmp:
                 Image.fromarray(slide.read_region(t.x, t.y, t.size, tile_px)).save(tmp, format="PNG")
