@@ -4,10 +4,13 @@
 # `pathflip.subcaptions.slides_per_job` slides, splits each caption. With `method: llm` a job asks
 # a language model (a server it starts and stops itself, as the captions jobs do, or
 # `llm.openai.base_url`), one server start per job: its resources come from the `llm` section and
-# the server's log goes to logs/subcaptions/.
+# the server's log goes to logs/subcaptions/. Those jobs are named subcaptions_llm_slide and
+# subcaptions_llm_shard_0, _1, ... so that a cluster profile can send them, and only them, to a
+# GPU partition (the rules-based jobs stay subcaptions_slide / subcaptions_shard_*, CPU jobs).
 SUBCAPTIONS_SETTINGS_ARG = shlex.quote(SUBCAPTIONS_PLAN.settings_arg)
 _CAPTION_FILE = SUBCAPTIONS_PLAN.settings.captions
 _SUB_LLM = SUBCAPTIONS_PLAN.settings.subcaptions.method == "llm"
+_SUB_RULE = "subcaptions_llm" if _SUB_LLM else "subcaptions"
 _SUB_LOG_DIR = " --log-dir logs/subcaptions" if _SUB_LLM else ""
 _SUB_RES = SUBCAPTIONS_PLAN.subcaptions_resources
 SUBCAPTIONS_RESOURCES = (
@@ -38,7 +41,9 @@ rule slide_captions:
 
 if SUBCAPTIONS_PLAN.per_slide:
 
-    rule subcaptions_slide:
+    rule:
+        name:
+            f"{_SUB_RULE}_slide"
         input:
             LAYOUT.pattern("slide_captions"),
         output:
@@ -56,7 +61,7 @@ if SUBCAPTIONS_PLAN.per_slide:
             " --settings {SUBCAPTIONS_SETTINGS_ARG}{_SUB_LOG_DIR} > {log} 2>&1"
 
 else:
-    for _name, _shard, _ids, _quoted in shard_rules("subcaptions", SUBCAPTIONS_PLAN.shards(SLIDE_IDS)):
+    for _name, _shard, _ids, _quoted in shard_rules(_SUB_RULE, SUBCAPTIONS_PLAN.shards(SLIDE_IDS)):
 
         rule:
             name:

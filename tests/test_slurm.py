@@ -121,6 +121,31 @@ def test_generated_shard_rules_get_the_profiles_gpu_entry(tmp_path):
         assert "slurm_partition=gpu" in resources and "gpu_model=h100" in resources, (name, resources)
 
 
+@pytest.mark.parametrize("slides_per_job", [1, 1000])
+def test_llm_subcaptions_jobs_go_to_the_gpu_partition_with_the_configs_sizes(tmp_path, slides_per_job):
+    """With pathflip.subcaptions.method llm each job starts a language-model server: the profile
+    sends those jobs (and not the rules-based ones) to the GPU partition, and does not replace the
+    config's llm memory with the small CPU jobs' size."""
+    wd = copy_workflow(tmp_path / "wf")
+    shutil.copytree(PROFILES, wd / "profiles")
+    llm = {"pathflip": {"subcaptions": {"method": "llm", "slides_per_job": slides_per_job,
+                                        "llm": {"model": "/models/some-llm"}}}}
+    (wd / "llm.yaml").write_text(yaml.safe_dump(llm))
+    planned = {}
+    for extra in ([], ["llm.yaml"]):
+        proc = run([*SNAKEMAKE, "-n", "--profile", "profiles/slurm", "--configfile", "config.yaml", *extra,
+                    "--", "subcaptions"], cwd=wd)
+        planned[bool(extra)] = re.findall(r"^\s*rule (subcaptions_\w+):\n(?:(?!\nrule ).)*?resources: ([^\n]*)",
+                                          proc.output, re.S | re.M)
+    rules_jobs, llm_jobs = planned[False], planned[True]
+    assert rules_jobs and llm_jobs, proc.output[-3000:]
+    assert all(not name.startswith("subcaptions_llm") and "gpu_model" not in res for name, res in rules_jobs)
+    for name, resources in llm_jobs:
+        assert name.startswith("subcaptions_llm_slide" if slides_per_job == 1 else "subcaptions_llm_shard_"), name
+        assert "slurm_partition=gpu" in resources and "gpu_model=h100" in resources, (name, resources)
+        assert "gpu=1" in resources and "mem_mb=16000" in resources, (name, resources)
+
+
 def test_profile_slurm_by_name_after_documented_step(tmp_path):
     """`snakemake --profile slurm` (the README's cluster command) works once profiles/slurm is
     linked into ~/.config/snakemake, as docs/cluster.md says; without the link it does not."""

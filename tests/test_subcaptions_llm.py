@@ -197,7 +197,7 @@ def test_snakemake_llm_job_starts_and_stops_its_own_server(tmp_path: Path) -> No
     (tmp_path / "slides.tsv").write_text("slide_id\tpath\nS1\tS1.svs\nBAD\tBAD.svs\n")
     (tmp_path / "captions.tsv").write_text(f"slide_id\tcaption\nS1\t{CAPTIONS['S2']}\nBAD\t{CAPTIONS['S3']}\n")
     out = snakemake(tmp_path, "subcaptions")
-    assert "(Rule: subcaptions_shard_0)" in out and "runtime=120, gpu=1, mem_mb=16000" in out, out[-2000:]
+    assert "(Rule: subcaptions_llm_shard_0)" in out and "runtime=120, gpu=1, mem_mb=16000" in out, out[-2000:]
     s1 = pd.read_parquet(tmp_path / "results" / "subcaptions" / "S1.parquet")
     assert list(s1["text"]) == ["Invasive ductal carcinoma, grade 2, measures 1.5 cm.",
                                 "The surgical margins are free of tumour."]
