@@ -54,6 +54,7 @@ sys.path.insert(0, str(REPO))
 
 from mrplip_core.layout import Layout  # noqa: E402
 from mrplip_core.pathflip.planted import CohortFiles, cohort_config, write_planted_cohort  # noqa: E402
+from mrplip_core.wsi.planted import PALETTES  # noqa: E402
 from mrplip_core.wsi.region_tiles import write_tile_set  # noqa: E402
 from mrplip_core.wsi.slide import Slide  # noqa: E402
 
@@ -111,16 +112,31 @@ def bench_config(workdir: Path, steps: int, cohort: Cohort) -> dict:
     })
 
 
+def check_reused(table: Path, palette: str) -> None:
+    """Stop when a workdir's existing cohort is not ``palette``'s (its kinds or its um/px): a rerun
+    with another --palette in the same --workdir would otherwise score one palette's slides with the
+    other's prompts."""
+    tab = pd.read_csv(table, sep="\t")
+    kinds = {k for ks in tab["kinds"].dropna() for k in str(ks).split(",")}
+    mpps = sorted(set(tab["mpp"].astype(float)))
+    if not kinds <= set(PALETTES[palette]) or mpps != [COHORTS[palette].mpp]:
+        raise SystemExit(f"{table}: this cohort ({sorted(kinds)} at {mpps} um/px) is not the {palette} palette's "
+                         f"({sorted(PALETTES[palette])} at {COHORTS[palette].mpp} um/px); give another --workdir "
+                         f"or the --palette it was made with")
+
+
 def prepare(workdir: Path, palette: str, slides: int, heldout: int, tiles_per_kind: int, seed: int,
             steps: int) -> pd.DataFrame:
-    """Both cohorts, the held-out tile set and the workflow config; returns the tile table."""
+    """Both cohorts, the held-out tile set and the workflow config; returns the tile table. A
+    cohort already in ``workdir`` is reused when it is ``palette``'s (else it stops)."""
     cohort = COHORTS[palette]
     scan = {"size_mm": cohort.size_mm, "mpp": cohort.mpp, "palette": palette}
-    if not CohortFiles(workdir).table.exists():
-        write_planted_cohort(workdir, slides, seed, **scan)
     held = CohortFiles(workdir / "heldout")
-    if not held.table.exists():
-        write_planted_cohort(held.root, heldout, seed + 1, **scan)
+    for files, n, s in ((CohortFiles(workdir), slides, seed), (held, heldout, seed + 1)):
+        if files.table.exists():
+            check_reused(files.table, palette)
+        else:
+            write_planted_cohort(files.root, n, s, **scan)
     labels = held.root / "tiles" / "labels.csv"
     if not labels.exists():
         tab = pd.read_csv(held.table, sep="\t")

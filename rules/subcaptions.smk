@@ -4,15 +4,16 @@
 # `pathflip.subcaptions.slides_per_job` slides, splits each caption. With `method: llm` a job asks
 # a language model (a server it starts and stops itself, as the captions jobs do, or
 # `llm.openai.base_url`), one server start per job: its resources come from the `llm` section and
-# the server's log goes to logs/subcaptions/. Those jobs are named subcaptions_llm_slide and
-# subcaptions_llm_shard_0, _1, ... so that a cluster profile can send them, and only them, to a
-# GPU partition (the rules-based jobs stay subcaptions_slide / subcaptions_shard_*, CPU jobs).
+# the server's log goes to logs/subcaptions/. Jobs that start a server on a GPU (llm.gpus > 0) are
+# named subcaptions_llm_slide and subcaptions_llm_shard_0, _1, ... so that a cluster profile can
+# send them, and only them, to a GPU partition; the others (the rules, or llm on a running server
+# at llm.openai.base_url) stay subcaptions_slide / subcaptions_shard_*, CPU jobs.
 SUBCAPTIONS_SETTINGS_ARG = shlex.quote(SUBCAPTIONS_PLAN.settings_arg)
 _CAPTION_FILE = SUBCAPTIONS_PLAN.settings.captions
 _SUB_LLM = SUBCAPTIONS_PLAN.settings.subcaptions.method == "llm"
-_SUB_RULE = "subcaptions_llm" if _SUB_LLM else "subcaptions"
 _SUB_LOG_DIR = " --log-dir logs/subcaptions" if _SUB_LLM else ""
 _SUB_RES = SUBCAPTIONS_PLAN.subcaptions_resources
+_SUB_RULE = "subcaptions_llm" if _SUB_RES["gpu"] > 0 else "subcaptions"
 SUBCAPTIONS_RESOURCES = (
     dict(mem_mb=per_attempt(_SUB_RES["mem_mb"]), runtime=per_attempt(_SUB_RES["runtime"]), gpu=_SUB_RES["gpu"])
     if _SUB_LLM else dict(mem_mb=2000, runtime=10)

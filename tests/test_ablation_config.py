@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mrplip_core.train.ablations import expand_runs, merged
@@ -102,3 +103,18 @@ def test_the_bench_gives_20x_only_rows_as_many_patches_as_its_cohorts_full_run(t
         prompts = json.loads(Path(held["prompts"]).read_text())
         kinds = ARCHITECTURE_KINDS if palette == "architecture" else KINDS
         assert set(prompts["classes"]) == set(kinds)  # a prompt set per planted kind, no more
+
+
+def test_the_bench_stops_on_a_workdir_cohort_of_the_other_palette(tmp_path):
+    """A rerun with another --palette in the same --workdir would score one palette's slides with
+    the other's prompts: the bench names the cohort and stops instead."""
+    bench = _bench()
+    table = tmp_path / "slides.tsv"
+    table.write_text("slide_id\tpath\tmpp\tkinds\nplanted_000\twsi/p.tiff\t0.5\ttumour,stroma\n")
+    bench.check_reused(table, "tissue")  # the tissue palette's kinds at its 0.5 um/px: reused
+    with pytest.raises(SystemExit, match=r"slides.tsv: this cohort \(\['stroma', 'tumour'\] at \[0.5\] um/px\) "
+                                         r"is not the architecture palette's"):
+        bench.check_reused(table, "architecture")
+    table.write_text("slide_id\tpath\tmpp\tkinds\nplanted_000\twsi/p.tiff\t0.25\ttumour,stroma\n")
+    with pytest.raises(SystemExit, match="tissue palette's"):  # right kinds, wrong scan
+        bench.check_reused(table, "tissue")

@@ -108,3 +108,18 @@ def test_an_architecture_cohort_draws_its_kinds_from_the_palette(tmp_path) -> No
             assert any(t in caption for t in TEMPLATES[kind])
     with pytest.raises(ValueError, match="palette"):
         write_planted_cohort(tmp_path / "d", 1, palette="organs")
+
+
+@pytest.mark.parametrize(("palette", "mpp"), [("architecture", 0.25), ("tissue", 0.5)])
+def test_the_cli_scans_each_palette_at_its_magnification_unless_told(tmp_path, capsys, palette, mpp) -> None:
+    """Without --mpp the architecture cohort is a 40x scan (its grades show from 20x on and its
+    config then tiles 40x too) and the tissue cohort a 20x one; --mpp overrides either."""
+    from mrplip_core.cli import main
+
+    assert main(["planted-cohort", "--out", str(tmp_path / "a"), "--slides", "1", "--size-mm", "1.1",
+                 "--palette", palette]) == 0
+    assert pd.read_csv(CohortFiles(tmp_path / "a").table, sep="\t")["mpp"].tolist() == [mpp]
+    assert f"at {mpp} um/px" in capsys.readouterr().out
+    assert main(["planted-cohort", "--out", str(tmp_path / "b"), "--slides", "1", "--size-mm", "1.1",
+                 "--palette", palette, "--mpp", "1.0"]) == 0
+    assert pd.read_csv(CohortFiles(tmp_path / "b").table, sep="\t")["mpp"].tolist() == [1.0]

@@ -131,15 +131,19 @@ def test_llm_subcaptions_jobs_go_to_the_gpu_partition_with_the_configs_sizes(tmp
     llm = {"pathflip": {"subcaptions": {"method": "llm", "slides_per_job": slides_per_job,
                                         "llm": {"model": "/models/some-llm"}}}}
     (wd / "llm.yaml").write_text(yaml.safe_dump(llm))
+    llm["pathflip"]["subcaptions"]["llm"]["openai"] = {"base_url": "http://llm.internal:8000/v1"}
+    (wd / "remote.yaml").write_text(yaml.safe_dump(llm))
     planned = {}
-    for extra in ([], ["llm.yaml"]):
-        proc = run([*SNAKEMAKE, "-n", "--profile", "profiles/slurm", "--configfile", "config.yaml", *extra,
-                    "--", "subcaptions"], cwd=wd)
-        planned[bool(extra)] = re.findall(r"^\s*rule (subcaptions_\w+):\n(?:(?!\nrule ).)*?resources: ([^\n]*)",
-                                          proc.output, re.S | re.M)
-    rules_jobs, llm_jobs = planned[False], planned[True]
-    assert rules_jobs and llm_jobs, proc.output[-3000:]
-    assert all(not name.startswith("subcaptions_llm") and "gpu_model" not in res for name, res in rules_jobs)
+    for extra in ("", "llm.yaml", "remote.yaml"):
+        proc = run([*SNAKEMAKE, "-n", "--profile", "profiles/slurm", "--configfile", "config.yaml",
+                    *([extra] if extra else []), "--", "subcaptions"], cwd=wd)
+        planned[extra] = re.findall(r"^\s*rule (subcaptions_\w+):\n(?:(?!\n\s*(?:local)?rule ).)*?resources: ([^\n]*)",
+                                    proc.output, re.S | re.M)
+        assert planned[extra], proc.output[-3000:]
+    llm_jobs = planned["llm.yaml"]
+    # the rules, and llm on a running server (a client: no GPU), stay CPU jobs
+    for name, res in planned[""] + planned["remote.yaml"]:
+        assert not name.startswith("subcaptions_llm") and "gpu_model" not in res and "gpu=1" not in res, (name, res)
     for name, resources in llm_jobs:
         assert name.startswith("subcaptions_llm_slide" if slides_per_job == 1 else "subcaptions_llm_shard_"), name
         assert "slurm_partition=gpu" in resources and "gpu_model=h100" in resources, (name, resources)

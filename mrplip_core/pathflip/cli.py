@@ -112,6 +112,8 @@ def _cmd_planted_cohort(a: argparse.Namespace) -> int:
     from mrplip_core.pathflip.planted import CohortFiles, write_planted_cohort
 
     t0 = time.perf_counter()
+    if a.mpp is None:
+        a.mpp = 0.25 if a.palette == "architecture" else 0.5
     truth = write_planted_cohort(a.out, a.slides, a.seed, size_mm=a.size_mm, mpp=a.mpp, palette=a.palette)
     files = CohortFiles(a.out)
     kinds = truth.groupby("slide_id")["kind"].count()
@@ -145,8 +147,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size-mm", type=float, default=4.1, help="side of each square slide, mm (4.1: 4 x 4 parent "
                                                                "boxes of 1.024 mm)")
-    s.add_argument("--mpp", type=float, default=0.5, help="um/px at level 0 (0.5 = 20x)")
+    s.add_argument("--mpp", type=float, default=None,
+                   help="um/px at level 0 (default: 0.5 = 20x for the tissue palette, 0.25 = 40x for architecture)")
     s.add_argument("--palette", choices=("architecture", "tissue"), default="tissue",  # wsi.planted.PALETTES
                    help="tissue: five kinds that differ at every magnification; architecture: glands or solid "
-                        "sheets (5x) crossed with low- or high-grade nuclei (20-40x; scan at --mpp 0.25)")
+                        "sheets (5x) crossed with low- or high-grade nuclei (20-40x)")
     s.set_defaults(func=_cmd_planted_cohort)

@@ -84,15 +84,15 @@ GLAND_STROMA = Appearance(
 _GLANDS = Glands(stroma=GLAND_STROMA)
 #: Nuclei of the two grades. Low grade: small, round, uniform (semi-axes 2.2-2.8 um); high grade:
 #: large and pleomorphic (3.8-5.2 um, up to 1.8 x as long as wide). The densities give both the
-#: same expected nuclear area per um^2 (0.37: a Poisson pattern of shapes of mean area A at
-#: density n covers 1 - exp(-n A) of the tissue), so at 5x (2 um/px), where a nucleus is 2-5 px
-#: across, the grades have the same mean colour and differ only slightly in texture; from 20x
-#: on their nuclei differ plainly in size, shape and count.
+#: same expected nuclear area per um^2, n A = 0.37 (overlaps counted twice; a Poisson pattern of
+#: shapes of mean area A at density n covers 1 - exp(-n A), here 0.31, of the tissue), so at 5x
+#: (2 um/px), where a nucleus is 2-5 px across, the grades have the same mean colour and differ
+#: only slightly in texture; from 20x on their nuclei differ plainly in size, shape and count.
 _LOW_GRADE = {"nuclei_per_100um2": 2.0, "radius_um": (2.2, 2.8), "aspect": (1.0, 1.15)}
 _HIGH_GRADE = {"nuclei_per_100um2": 0.815, "radius_um": (3.8, 5.2), "aspect": (1.1, 1.8)}
 
 #: The architecture palette: 2 architectures x 2 grades. A kind's architecture shows at low
-#: magnification (glands of 100-200 um in stroma, or a solid sheet), its grade at high
+#: magnification (glands of 110-215 um in stroma, or a solid sheet), its grade at high
 #: magnification (the nuclei). Neither alone tells the four kinds apart.
 ARCHITECTURE_KINDS: dict[str, Appearance] = {
     "glandular_low_grade": _epithelium(**_LOW_GRADE, glands=_GLANDS),

@@ -79,8 +79,10 @@ class Glands:
     ``lumen_radius_um``, major / minor from ``aspect``) lined by a rim of ``rim_um`` of the
     kind's own appearance (the epithelium); between glands lies ``stroma``. A gland is drawn
     from ``(seed, lattice cell)`` alone, so tiles rendered in any order join seamlessly.
-    At 5x (2 um/px) the default gland is 55-110 px across, about 25 per 512-px patch; at 40x
-    (0.25 um/px) one 512-px patch (128 um) holds part of one gland.
+    The default gland is 110-215 um across (a lumen of 60-165 um inside a 25 um rim); lumina of
+    neighbouring glands may touch. At 5x (2 um/px) that is 55-108 px, about 25 glands per 512-px
+    patch; at 40x (0.25 um/px) one 512-px patch (128 um) shows parts of up to four glands, or
+    stroma only.
     """
 
     stroma: Appearance
