@@ -28,6 +28,8 @@ encoder, 3 seeds each, through the real pipeline on a planted cohort, scored on 
    zero-shot, linear-probe and 1- and 4-shot probe weighted F1 on the held-out tiles (a k-shot
    figure is itself the mean over 10 draws of the k tiles per class). The frozen encoder has
    no text side (zero-shot and retrieval n/a) and no seed (its probes are one figure each).
+   A second table splits image->text R@1 by magnification: each magnification's pairs on their
+   own (the first table's retrieval pools every magnification in one gallery).
 
 Prints the table and writes ``bench_ablation.json`` in the workdir. Nothing is tuned to an
 ordering of the rows: the cohorts, prompts and settings were fixed before their first run, and
@@ -188,6 +190,23 @@ def table(summary: pd.DataFrame, seeds: list[int], frozen: str) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def retrieval_by_magnification(layout: Layout, seeds: list[int]) -> pd.DataFrame:
+    """Rows x magnification: image->text R@1 within the pairs of one magnification, ``mean +- sd``
+    over seeds (the table's retrieval columns pool every magnification in one gallery)."""
+    out = []
+    for row in ROWS:
+        per_mag: dict[str, list[float]] = {}
+        for s in seeds:
+            path = layout.retrieval_metrics(f"{row}-s{s}")
+            if not path.exists():
+                continue
+            for mag, m in json.loads(path.read_text()).get("by_magnification", {}).items():
+                per_mag.setdefault(mag, []).append(float(m["image_to_text"]["R@1"]))
+        out.append({"row": row, **{mag: f"{statistics.mean(v):.3f}" + (f" +- {statistics.stdev(v):.3f}" if len(v) > 1 else "")
+                                   for mag, v in per_mag.items()}})
+    return pd.DataFrame(out).fillna("n/a")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, required=True)
@@ -213,6 +232,8 @@ def main() -> None:
     t = table(summary, seeds, frozen)
     shown = ["row", "runs", *METRICS]
     print(t[shown].to_string(index=False))
+    print("retrieval i2t R@1 within one magnification:")
+    print(retrieval_by_magnification(Layout(a.workdir / "results"), seeds).to_string(index=False))
     print(f"wall {wall / 60:.1f} min ({a.cores} cores), {a.steps} steps per run, {len(seeds)} seeds")
     (a.workdir / "bench_ablation.json").write_text(json.dumps({
         "args": {k: str(v) for k, v in vars(a).items()}, "wall_s": round(wall, 1), "seeds": seeds,
