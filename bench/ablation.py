@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO))
 
 from mrplip_core.layout import Layout  # noqa: E402
 from mrplip_core.pathflip.planted import CohortFiles, cohort_config, write_planted_cohort  # noqa: E402
-from mrplip_core.wsi.planted import PALETTES  # noqa: E402
+from mrplip_core.wsi.planted import PALETTES, SCAN_MPP  # noqa: E402
 from mrplip_core.wsi.region_tiles import write_tile_set  # noqa: E402
 from mrplip_core.wsi.slide import Slide  # noqa: E402
 
@@ -76,9 +76,9 @@ class Cohort:
 
 
 COHORTS = {
-    "architecture": Cohort(0.25, 3.1, "ablation_prompts_architecture.json",
+    "architecture": Cohort(SCAN_MPP["architecture"], 3.1, "ablation_prompts_architecture.json",
                            "Planted architecture x grade, held-out slides (20x tiles)"),
-    "tissue": Cohort(0.5, 4.1, "ablation_prompts.json", "Planted kinds, held-out slides (20x tiles)"),
+    "tissue": Cohort(SCAN_MPP["tissue"], 4.1, "ablation_prompts.json", "Planted kinds, held-out slides (20x tiles)"),
 }
 
 
@@ -89,8 +89,8 @@ def bench_config(workdir: Path, steps: int, cohort: Cohort) -> dict:
     cfg = cohort_config(base, {"ablations": {}})  # the yaml's rows, not the demo's
     cfg = cohort_config(cfg, ablation)
     per_bag = sum(cfg["pretrain"]["data"]["patches_per_magnification"])
-    for row in cfg["ablations"].values():  # 20x only: as many patches per bag as the full run
-        if row.get("data", {}).get("magnifications") == [TILE_MAGNIFICATION]:
+    for row in cfg["ablations"].values():  # one magnification: as many patches per bag as the full run
+        if len(row.get("data", {}).get("magnifications", ())) == 1:
             row["data"]["patches_per_magnification"] = [per_bag]
     return cohort_config(cfg, {
         "pretrain": {

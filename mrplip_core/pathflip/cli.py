@@ -110,14 +110,14 @@ def _cmd_planted_cohort(a: argparse.Namespace) -> int:
     import time
 
     from mrplip_core.pathflip.planted import CohortFiles, write_planted_cohort
+    from mrplip_core.wsi.planted import SCAN_MPP
 
     t0 = time.perf_counter()
-    if a.mpp is None:
-        a.mpp = 0.25 if a.palette == "architecture" else 0.5
-    truth = write_planted_cohort(a.out, a.slides, a.seed, size_mm=a.size_mm, mpp=a.mpp, palette=a.palette)
+    mpp = SCAN_MPP[a.palette] if a.mpp is None else a.mpp
+    truth = write_planted_cohort(a.out, a.slides, a.seed, size_mm=a.size_mm, mpp=mpp, palette=a.palette)
     files = CohortFiles(a.out)
     kinds = truth.groupby("slide_id")["kind"].count()
-    print(f"{len(kinds)} slides ({a.palette} palette, {a.size_mm} mm at {a.mpp} um/px), {len(truth)} kind sentences "
+    print(f"{len(kinds)} slides ({a.palette} palette, {a.size_mm} mm at {mpp} um/px), {len(truth)} kind sentences "
           f"({truth['kind'].value_counts().to_dict()}) -> {files.table}, {files.truth}, {files.config} "
           f"({time.perf_counter() - t0:.1f} s)")
     return 0
@@ -148,7 +148,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--size-mm", type=float, default=4.1, help="side of each square slide, mm (4.1: 4 x 4 parent "
                                                                "boxes of 1.024 mm)")
     s.add_argument("--mpp", type=float, default=None,
-                   help="um/px at level 0 (default: 0.5 = 20x for the tissue palette, 0.25 = 40x for architecture)")
+                   help="um/px at level 0 (default: the palette's, wsi.planted.SCAN_MPP: 0.5 = 20x for tissue, "
+                        "0.25 = 40x for architecture)")
     s.add_argument("--palette", choices=("architecture", "tissue"), default="tissue",  # wsi.planted.PALETTES
                    help="tissue: five kinds that differ at every magnification; architecture: glands or solid "
                         "sheets (5x) crossed with low- or high-grade nuclei (20-40x)")

@@ -37,7 +37,7 @@ import yaml
 from mrplip_core.io.atomic import write_parquet, write_text
 from mrplip_core.pathflip.subcaptions import split_caption
 from mrplip_core.wsi.magnification import base_magnification
-from mrplip_core.wsi.planted import PALETTES, plan_layout, write_planted_slide
+from mrplip_core.wsi.planted import PALETTES, SCAN_MPP, plan_layout, write_planted_slide
 
 #: Sentence templates per kind: each names its kind and describes what is painted. None holds
 #: ", and", ", but", ", while", ", whereas" or ";", where the splitter would cut a clause.
@@ -210,27 +210,28 @@ def write_planted_cohort(
     seed: int = 0,
     *,
     size_mm: float = 4.1,
-    mpp: float = 0.5,
+    mpp: float | None = None,
     kinds_per_slide: tuple[int, int] = (2, 3),
     palette: str = "tissue",
     base_config: str | Path = REPO_CONFIG,
 ) -> pd.DataFrame:
     """Write a planted cohort of ``n_slides`` slides of ``size_mm`` x ``size_mm`` (level 0 at
-    ``mpp`` um/px) into folder ``out``; return its truth table.
+    ``mpp`` um/px; None: the palette's :data:`~mrplip_core.wsi.planted.SCAN_MPP`) into folder
+    ``out``; return its truth table.
 
     The tiles stage lays its 5x parent boxes (512 px at 2 um/px: 1.024 mm) on a grid from the
     slide's corner, so a side just above a multiple of 1.024 mm wastes nothing: the default
     4.1 mm holds 4 x 4 boxes, 3.1 mm 3 x 3.
 
     ``palette`` names the kinds drawn from (``wsi.planted.PALETTES``: ``tissue`` or
-    ``architecture``; the architecture palette's grades differ in nuclei a few um across, so
-    scan it at 0.25 um/px, 40x). Slide ``i`` is ``planted_{i:03d}``; its kinds
-    (``kinds_per_slide`` inclusive range), layout,
-    pixels and caption are drawn from ``(seed, i)``, so a slide does not change when the
-    cohort grows. Every file is written atomically; the same arguments give the same files.
+    ``architecture``). Slide ``i`` is ``planted_{i:03d}``; its kinds (``kinds_per_slide``
+    inclusive range), layout, pixels and caption are drawn from ``(seed, i)``, so a slide does
+    not change when the cohort grows. Every file is written atomically; the same arguments give the same files.
     """
     if palette not in PALETTES:
         raise ValueError(f"palette must be one of {sorted(PALETTES)}, got {palette!r}")
+    if mpp is None:
+        mpp = SCAN_MPP[palette]
     files = CohortFiles(Path(out))
     side = int(round(size_mm * 1000.0 / mpp))
     rows, truth = [], []

@@ -103,6 +103,9 @@ ARCHITECTURE_KINDS: dict[str, Appearance] = {
 
 #: The palettes a planted cohort draws its kinds from (kind names are unique across them).
 PALETTES: dict[str, dict[str, Appearance]] = {"tissue": KINDS, "architecture": ARCHITECTURE_KINDS}
+#: The level-0 um/px each palette is scanned at unless told otherwise: the tissue kinds at 20x;
+#: the architecture kinds at 40x, since their grades differ in nuclei a few um across.
+SCAN_MPP: dict[str, float] = {"tissue": 0.5, "architecture": 0.25}
 #: Every planted kind by name.
 ALL_KINDS: dict[str, Appearance] = {name: look for palette in PALETTES.values() for name, look in palette.items()}
 

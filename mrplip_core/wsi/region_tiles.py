@@ -77,10 +77,11 @@ def write_tile_set(slides: Sequence[tuple[Slide, Mapping[str, Any] | str | Path]
                    magnification: float, tile_px: int, min_fraction: float = 0.9, per_kind: int | None = None,
                    seed: int = 0) -> pd.DataFrame:
     """Cut :func:`region_tiles` from every ``(slide, regions)`` and write them as an evaluation
-    tile set: ``out/{kind}/{slide}_{x}_{y}.png`` (a kind or slide id that is not a safe file name made one
-    by :func:`~mrplip_core.io.names.safe_filename`; ``label`` keeps it as it is) (``tile_px`` px, RGB) and ``out/labels.csv``
+    tile set: ``out/{kind}/{slide}_{x}_{y}.png`` (``tile_px`` px, RGB) and ``out/labels.csv``
     (``path`` relative to ``out``, ``label``, ``slide_id``, level-0 ``x``, ``y``, ``size``,
-    ``fraction``), every file written atomically. Returns the table."""
+    ``fraction``), every file written atomically. Returns the table. A kind or slide id that is
+    not a safe file name is made one in the path (:func:`~mrplip_core.io.names.safe_filename`);
+    ``label`` and ``slide_id`` keep it as it is."""
     out = Path(out)
     rows = []
     for k, (slide, regions) in enumerate(slides):
